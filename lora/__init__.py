@@ -1,0 +1,18 @@
+"""LoRA in plain PyTorch. The core (this namespace) imports only torch and safetensors.
+
+    delta_W = (alpha / r) * B @ A        y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)
+
+``layer.py`` holds the math, ``model.py`` puts it into a model, ``adapter.py`` saves it.
+Data, training and inference live in ``lora.data``, ``lora.training``, ``lora.inference``.
+"""
+from .adapter import apply_adapter, load_adapter, save_adapter
+from .layer import LoRALinear
+from .model import (count_parameters, inject_lora, layer_index, load_lora_state_dict,
+                    lora_layers, lora_settings, lora_state_dict, merge_lora, parameter_table,
+                    unmerge_lora)
+
+__all__ = [
+    "LoRALinear", "inject_lora", "merge_lora", "unmerge_lora", "lora_layers", "layer_index",
+    "lora_state_dict", "load_lora_state_dict", "lora_settings", "save_adapter", "load_adapter",
+    "apply_adapter", "count_parameters", "parameter_table",
+]

@@ -1,0 +1,120 @@
+"""LoRALinear: a frozen ``nn.Linear`` plus a trainable low-rank update.
+
+This file is the whole of LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+A pretrained layer computes ``y = x @ W^T + b`` with ``W`` of shape ``(out, in)``.
+LoRA freezes ``W`` and learns a correction of rank ``r`` instead of a full one::
+
+    delta_W = scaling * B @ A          A: (r, in), B: (out, r), scaling = alpha / r
+    y       = x @ W^T + b + scaling * dropout(x) @ A^T @ B^T
+
+Only ``A`` and ``B`` train: ``r * (in + out)`` numbers instead of ``in * out``.
+``B`` starts at zero, so at initialisation ``delta_W = 0`` and the wrapped layer
+returns exactly what the pretrained layer returned.
+
+For inference ``merge()`` folds ``delta_W`` into ``W`` (one matmul per layer again,
+zero added latency); ``unmerge()`` restores the pretrained ``W`` bit for bit.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def check_lora_hyperparameters(r: int, alpha: float, dropout: float) -> None:
+    """Raise ``ValueError`` unless ``r >= 1``, ``alpha > 0`` and ``0 <= dropout < 1``."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scaling * dropout(x) @ A^T @ B^T`` around a frozen ``nn.Linear``.
+
+    Args:
+        base: the pretrained layer, wrapped by composition and frozen (weight and bias).
+        r: rank of the update.
+        alpha: scale numerator; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: dropout probability on the input of the LoRA branch only.
+        rslora: rank-stabilised scaling (Kalajdzievski 2023).
+
+    Shapes: ``x`` is ``(*, in)``, the output ``(*, out)``; any leading dimensions work.
+
+    Precision: ``lora_A`` and ``lora_B`` are float32 whatever the base dtype, so that the
+    optimizer and ``GradScaler`` see float32 parameters and gradients; the branch runs in
+    float32 (or in the autocast dtype under ``torch.autocast``) and is cast back to the
+    dtype of the base output before the sum.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_lora_hyperparameters(r, alpha, dropout)
+        self.base = base.requires_grad_(False)
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
+        # The same initialisation nn.Linear gives its own weight.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        # The pretrained weight, kept while merged so that unmerge() is exact.
+        self.register_buffer("weight_before_merge", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            if self.training:
+                raise RuntimeError("LoRALinear is merged: call unmerge() before training")
+            return result
+        x = self.dropout(x).to(self.lora_A.dtype)
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A``, shape ``(out, in)``, computed in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``delta_W`` into the base weight (summed in float32, cast back to its dtype).
+
+        A no-op when already merged. Raises ``ValueError`` and leaves the weight untouched
+        if the merged weight would hold NaN or infinity.
+        """
+        if self.merged:
+            return
+        weight = self.base.weight
+        merged = weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging would put NaN or inf in the base weight; not merged")
+        self.weight_before_merge = weight.detach().clone()
+        weight.copy_(merged.to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the pretrained base weight bit for bit. A no-op when not merged."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self.weight_before_merge)
+        self.weight_before_merge = None
+        self.merged = False
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        if mode and self.merged:
+            raise RuntimeError("LoRALinear is merged: call unmerge() before training")
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, merged={self.merged}"

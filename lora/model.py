@@ -1,0 +1,198 @@
+"""Putting LoRA into a model: inject, merge, unmerge, adapter state and parameter counts.
+
+``inject_lora`` swaps chosen ``nn.Linear`` modules for ``LoRALinear`` wrappers in place and
+freezes everything else but the modules that must train from scratch (the classifier head).
+"""
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .layer import LoRALinear, check_lora_hyperparameters
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yield ``(name, module)`` for every ``LoRALinear`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def layer_index(module_name: str) -> int | None:
+    """The encoder layer a module belongs to: the first integer in its dotted name.
+
+    ``"roberta.encoder.layer.3.attention.self.query"`` -> ``3``; ``"classifier.dense"`` -> None.
+    """
+    for part in module_name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _is_under(name: str, module_names: Iterable[str]) -> bool:
+    """True when the dotted ``name`` lies under a module named in ``module_names``.
+
+    ``"classifier.dense.weight"`` is under ``"classifier"`` and under ``"classifier.dense"``.
+    """
+    parts = name.split(".")
+    for module_name in module_names:
+        wanted = module_name.split(".")
+        for start in range(len(parts) - len(wanted) + 1):
+            if parts[start:start + len(wanted)] == wanted:
+                return True
+    return False
+
+
+def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "value"),
+                r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                trainable_modules: Iterable[str] = ("classifier",),
+                layers: Iterable[int] | None = None, rslora: bool = False) -> list[str]:
+    """Wrap every matching ``nn.Linear`` in ``LoRALinear`` and freeze the rest.
+
+    Args:
+        model: any ``nn.Module``; changed in place.
+        target_modules: last name components to adapt (RoBERTa: ``query``, ``key``, ``value``).
+        r, alpha, dropout, rslora: passed to every ``LoRALinear``.
+        trainable_modules: modules that stay fully trainable (the new classification head).
+        layers: only adapt modules inside these encoder layer indices (None: all layers).
+
+    Returns:
+        The dotted names of the replaced modules, in model order.
+
+    Raises:
+        ValueError: on bad hyper-parameters, or when nothing matches (the message lists the
+        Linear names the model does have).
+    """
+    check_lora_hyperparameters(r, alpha, dropout)
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("this model already has LoRA layers; inject into a fresh model")
+    targets = set(target_modules)
+    wanted_layers = None if layers is None else set(layers)
+    matches = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        and (wanted_layers is None or layer_index(name) in wanted_layers)
+    ]
+    if not matches:
+        linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                               if isinstance(module, nn.Linear)})
+        where = "" if wanted_layers is None else f" in layers {sorted(wanted_layers)}"
+        raise ValueError(f"no nn.Linear named {sorted(targets)}{where}; "
+                         f"this model's Linear modules are named {linear_names}")
+
+    model.requires_grad_(False)
+    for name in matches:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout, rslora))
+    trainable = tuple(trainable_modules)
+    for name, parameter in model.named_parameters():
+        if _is_under(name, trainable):
+            parameter.requires_grad_(True)
+    return matches
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (see ``LoRALinear.merge``)."""
+    for _, module in lora_layers(model):
+        module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Restore every base weight bit for bit (see ``LoRALinear.unmerge``)."""
+    for _, module in lora_layers(model):
+        module.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter: every trainable tensor, i.e. after ``inject_lora`` the LoRA A/B and the head.
+
+    Keys are ``model.named_parameters()`` names; values are detached (not copied).
+    """
+    return {name: parameter.detach() for name, parameter in model.named_parameters()
+            if parameter.requires_grad}
+
+
+def _some(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy an adapter into a model prepared by the same ``inject_lora`` call. Strict.
+
+    Raises:
+        ValueError: naming the missing, unexpected or mis-shaped keys; nothing is copied then.
+    """
+    own = lora_state_dict(model)
+    problems = []
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    if missing:
+        problems.append(f"missing keys: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_some(unexpected)}")
+    misshaped = [f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+                 for key in own.keys() & state.keys() if state[key].shape != own[key].shape]
+    if misshaped:
+        problems.append(f"mis-shaped: {_some(misshaped)}")
+    if problems:
+        raise ValueError("adapter does not fit the model: " + "; ".join(problems))
+    for key, tensor in own.items():
+        tensor.copy_(state[key])
+
+
+def lora_settings(model: nn.Module) -> dict:
+    """The settings ``inject_lora`` was called with, read back from the model.
+
+    Returns r, alpha, dropout, rslora, target_modules, layers (None: all) and
+    trainable_modules (top-level modules holding trainable non-LoRA parameters).
+    """
+    named = list(lora_layers(model))
+    if not named:
+        raise ValueError("the model has no LoRA layers; call inject_lora first")
+    first = named[0][1]
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    lora_names = {f"{name}.{p}" for name, _ in named for p in ("lora_A", "lora_B")}
+    trainable = sorted({name.split(".")[0] for name, parameter in model.named_parameters()
+                        if parameter.requires_grad and name not in lora_names})
+    adapted_layers = sorted({layer_index(name) for name, _ in named} - {None})
+    all_layers = sorted({layer_index(name) for name, module in model.named_modules()
+                         if isinstance(module, nn.Linear)} - {None})
+    return {
+        "r": first.r, "alpha": first.alpha, "dropout": dropout, "rslora": first.rslora,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in named}),
+        "layers": None if adapted_layers == all_layers else adapted_layers,
+        "trainable_modules": trainable,
+    }
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def parameter_table(model: nn.Module) -> str:
+    """A readable breakdown of the trainable parameters, one row per module, with totals.
+
+    LoRA rows show the shapes of A and B and the count as ``r * (in + out)``.
+    """
+    rows = [("module", "A", "B", "trainable", "formula")]
+    lora_names = set()
+    for name, module in lora_layers(model):
+        lora_names.update({f"{name}.lora_A", f"{name}.lora_B"})
+        r, n_in, n_out = module.r, module.base.in_features, module.base.out_features
+        rows.append((name, f"{r}x{n_in}", f"{n_out}x{r}", f"{r * (n_in + n_out):,}",
+                     f"{r} * ({n_in} + {n_out})"))
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and name not in lora_names:
+            shape = "x".join(map(str, parameter.shape))
+            rows.append((name, "", "", f"{parameter.numel():,}", f"full {shape}"))
+    trainable, total = count_parameters(model)
+    rows.append(("total", "", "", f"{trainable:,}", f"{100 * trainable / total:.3f}% of {total:,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
