@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random RoBERTa models, a word-level tokenizer and a learnable toy
+AG-News-like dataset. Nothing is downloaded; nothing under ../shared is read."""
+import random
+
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+CLASS_WORDS = [
+    "war election minister president troops peace government nations".split(),
+    "match goal team season coach league cup player".split(),
+    "stocks profit shares market company earnings bank investors".split(),
+    "software internet computer space research chip scientists online".split(),
+]
+COMMON_WORDS = "the a of to in on and said new after for with by today report week".split()
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def tiny_config(**overrides) -> RobertaConfig:
+    """A 2-layer, 32-wide RoBERTa for 4 labels whose vocabulary fits ``tiny_tokenizer``."""
+    settings = dict(vocab_size=len(SPECIAL_TOKENS) + len(COMMON_WORDS) + 32, hidden_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=80, num_labels=4, pad_token_id=1,
+                    bos_token_id=0, eos_token_id=2,
+                    id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    settings.update(overrides)
+    return RobertaConfig(**settings)
+
+
+def tiny_model(seed: int = 0, **overrides) -> RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    return RobertaForSequenceClassification(tiny_config(**overrides)).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, lower-cased, ``<s> words </s>``, RoBERTa's special-token ids."""
+    words = COMMON_WORDS + [w for words in CLASS_WORDS for w in words]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                   model_max_length=64)
+
+
+def toy_news(rows: int, seed: int = 0) -> pd.DataFrame:
+    """A learnable 4-class ``text,label`` table: each text mixes words of its class with
+    common words; lengths vary from 3 to 20 words. Balanced, shuffled, seeded."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(rows):
+        label = i % 4
+        length = rng.randint(3, 20)
+        words = [rng.choice(CLASS_WORDS[label]) if rng.random() < 0.4 else rng.choice(COMMON_WORDS)
+                 for _ in range(length)]
+        words[rng.randrange(length)] = rng.choice(CLASS_WORDS[label])
+        records.append({"text": " ".join(words).capitalize(), "label": label})
+    rng.shuffle(records)
+    return pd.DataFrame(records)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):
+    """A folder with a tiny random RoBERTa classifier and its tokenizer, loadable with
+    ``from_pretrained(folder)`` (and so with ``--model folder``)."""
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def toy_data_dir(tmp_path_factory):
+    """``train.csv`` (400 rows) and ``test.csv`` (120 rows) with ``text,label`` columns."""
+    folder = tmp_path_factory.mktemp("toy-news")
+    toy_news(400, seed=1).to_csv(folder / "train.csv", index=False)
+    toy_news(120, seed=2).to_csv(folder / "test.csv", index=False)
+    return folder
