@@ -70,6 +70,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         # The pretrained weight, kept while merged so that unmerge() is exact.
         self.register_buffer("weight_before_merge", None, persistent=False)
+        # Swapped into an eval-mode model, the wrapper must not train (dropout) either.
+        self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -95,11 +97,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         weight = self.base.weight
-        merged = weight.float() + self.delta_weight()
+        merged = (weight.float() + self.delta_weight()).to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError("merging would put NaN or inf in the base weight; not merged")
         self.weight_before_merge = weight.detach().clone()
-        weight.copy_(merged.to(weight.dtype))
+        weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()

@@ -143,11 +143,24 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         tensor.copy_(state[key])
 
 
+def _trainable_owner(name: str, frozen: list[str]) -> str:
+    """The shortest dotted prefix of parameter ``name`` with none of ``frozen`` under it.
+
+    ``"classifier.dense.weight"`` -> ``"classifier"`` when the whole head trains.
+    """
+    parts = name.split(".")
+    prefixes = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return next(prefix for prefix in prefixes
+                if not any(f == prefix or f.startswith(prefix + ".") for f in frozen))
+
+
 def lora_settings(model: nn.Module) -> dict:
     """The settings ``inject_lora`` was called with, read back from the model.
 
     Returns r, alpha, dropout, rslora, target_modules, layers (None: all) and
-    trainable_modules (top-level modules holding trainable non-LoRA parameters).
+    trainable_modules: for each trainable non-LoRA parameter, the shortest dotted prefix of
+    its name with no frozen parameter under it (``"classifier"`` for the usual head), so
+    that ``inject_lora(trainable_modules=...)`` makes exactly the same parameters trainable.
     """
     named = list(lora_layers(model))
     if not named:
@@ -155,7 +168,8 @@ def lora_settings(model: nn.Module) -> dict:
     first = named[0][1]
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     lora_names = {f"{name}.{p}" for name, _ in named for p in ("lora_A", "lora_B")}
-    trainable = sorted({name.split(".")[0] for name, parameter in model.named_parameters()
+    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    trainable = sorted({_trainable_owner(name, frozen) for name, parameter in model.named_parameters()
                         if parameter.requires_grad and name not in lora_names})
     adapted_layers = sorted({layer_index(name) for name, _ in named} - {None})
     all_layers = sorted({layer_index(name) for name, module in model.named_modules()
