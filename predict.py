@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from transformers.utils import logging as transformers_logging
 
 from lora.data import encode_labels, read_table
 from lora.errors import UsageError, run_command
@@ -74,7 +73,6 @@ def read_inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    transformers_logging.disable_progress_bar()  # the weight-loading bar; ours shows the predicting
 
     # Adapter and texts; the model, with the adapter merged (checked on the first texts).
     adapter_dir = Path(args.adapter) if args.adapter else latest_run()

@@ -49,9 +49,13 @@ def load_classifier_model(name: str, labels: list[str]):
     from transformers.utils import logging
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+    logging.disable_progress_bar()  # a "Loading weights" bar would turn a one-line error into two
     try:
+        # A checkpoint's own head of another size is replaced by a fresh one, not an error.
         return _load(AutoModelForSequenceClassification.from_pretrained, name,
                      num_labels=len(labels), id2label=dict(enumerate(labels)),
-                     label2id={label: i for i, label in enumerate(labels)})
+                     label2id={label: i for i, label in enumerate(labels)},
+                     ignore_mismatched_sizes=True)
     finally:
         logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()

@@ -202,6 +202,8 @@ def _local_train_test(path: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 def _stratified_split(frame: pd.DataFrame, fraction: float, seed: int, source):
+    if frame.empty:
+        raise UsageError(f"{source} is empty")
     try:
         kept, held = train_test_split(frame, test_size=fraction, random_state=seed,
                                       stratify=frame["label"])

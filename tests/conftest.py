@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random RoBERTa models, a word-level tokenizer and a learnable toy
 AG-News-like dataset. Nothing is downloaded; nothing under ../shared is read."""
+import os
 import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never wait on the network
 
 import pandas as pd
 import pytest
@@ -65,17 +68,39 @@ def toy_news(rows: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-@pytest.fixture
+def pretrained_tiny_model(seed: int = 0) -> RobertaForSequenceClassification:
+    """A tiny RoBERTa whose encoder learnt the toy task (a few seconds of full training, without dropout: with it a 32-wide encoder learns little) and
+    whose classification head is fresh again: like a pretrained checkpoint, its features are
+    informative, so LoRA on top of it learns in a few dozen steps (a random encoder would not)."""
+    model = tiny_model(seed, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    tokenizer = tiny_tokenizer()
+    data = toy_news(360, seed=7)
+    ids = tokenizer(list(data["text"]), padding=True, return_tensors="pt")
+    labels = torch.tensor(data["label"].to_numpy())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    for _ in range(6):
+        for start in range(0, len(labels), 32):
+            rows = slice(start, start + 32)
+            loss = model(input_ids=ids["input_ids"][rows], attention_mask=ids["attention_mask"][rows],
+                         labels=labels[rows]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.classifier = tiny_model(seed + 1, hidden_dropout_prob=0.0).classifier
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A folder with a tiny random RoBERTa classifier and its tokenizer, loadable with
-    ``from_pretrained(folder)`` (and so with ``--model folder``)."""
+    """A folder with a tiny "pretrained" RoBERTa classifier (``pretrained_tiny_model``) and its
+    tokenizer, loadable with ``from_pretrained(folder)`` (and so with ``--model folder``)."""
     folder = tmp_path_factory.mktemp("tiny-roberta")
-    tiny_model().save_pretrained(folder)
+    pretrained_tiny_model().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory):
     """``train.csv`` (400 rows) and ``test.csv`` (120 rows) with ``text,label`` columns."""
     folder = tmp_path_factory.mktemp("toy-news")
