@@ -18,7 +18,7 @@ WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """Call ``write(temporary_path)``, then rename over ``path``: readers never see half a file."""
     temporary = path.with_name(f".{path.name}.tmp")
     write(temporary)
@@ -34,8 +34,8 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, config: dict | 
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.contiguous() for name, tensor in lora_state_dict(model).items()}
     full_config = {**lora_settings(model), **(config or {})}
-    _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path)))
-    _write_atomically(directory / CONFIG_NAME,
+    write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path)))
+    write_atomically(directory / CONFIG_NAME,
                       lambda path: path.write_text(json.dumps(full_config, indent=2) + "\n"))
     return directory
 

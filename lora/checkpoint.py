@@ -4,10 +4,11 @@ It holds what the next optimizer step depends on: the trainable tensors, the opt
 scheduler and GradScaler states, the RNG states, the position in the data, and the records
 so far. Loading it and going on gives the same result as never having stopped.
 """
-import os
 from pathlib import Path
 
 import torch
+
+from .adapter import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -16,9 +17,7 @@ def save_checkpoint(directory: Path, state: dict) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
     state = {**state, "rng": {"torch": torch.get_rng_state(),
                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    temporary = directory / f".{CHECKPOINT_NAME}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, directory / CHECKPOINT_NAME)
+    write_atomically(directory / CHECKPOINT_NAME, lambda path: torch.save(state, path))
 
 
 def load_checkpoint(directory: Path) -> dict:

@@ -17,14 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, _write_atomically, apply_adapter, load_adapter
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, write_atomically
 from .backbone import load_classifier_model, load_tokenizer
-from .data import clean_text, length_grouped_batches, pad_batch, tokenize
+from .data import clean_text, tokenize
 from .errors import UsageError
 from .model import merge_lora, unmerge_lora
-from .training import RUNS_DIR, pick_device
+from .runtime import RUNS_DIR, batched_logits, pick_device
 
 # What a merge is checked on when the caller gives no texts: short, long, empty.
 CHECK_TEXTS = [
@@ -116,7 +115,6 @@ def _merge_checked(model, tokenizer, texts: list[str]) -> None:
                       "predicting with the adapter unmerged (slower)", stacklevel=3)
 
 
-@torch.inference_mode()
 def predict_proba(model, tokenizer, texts: list[str], batch_size: int = 64,
                   max_length: int | None = None, progress: bool = True) -> np.ndarray:
     """Class probabilities, float32 numpy ``(N, num_labels)``, row ``i`` for ``texts[i]``.
@@ -128,21 +126,12 @@ def predict_proba(model, tokenizer, texts: list[str], batch_size: int = 64,
     """
     settings = getattr(model, "adapter_config", {})  # {} for a model not from load_classifier
     texts = [clean_text(text) for text in texts] if settings.get("clean") else list(texts)
-    probabilities = torch.empty(len(texts), model.config.num_labels)
     if not texts:
-        return probabilities.numpy()
+        return np.empty((0, model.config.num_labels), dtype=np.float32)
     max_length = max_length or settings.get("max_length", tokenizer.model_max_length)
     token_ids = [ids or [tokenizer.unk_token_id] for ids in tokenize(texts, tokenizer, max_length)]
-    device = next(model.parameters()).device
-    batches = length_grouped_batches([len(ids) for ids in token_ids], batch_size, seed=0, shuffle=False)
-    with tqdm(total=len(texts), desc="predicting", unit="text", disable=not progress) as bar:
-        for indices in batches:
-            batch = pad_batch([token_ids[i] for i in indices], tokenizer.pad_token_id)
-            logits = model(**{name: tensor.to(device) for name, tensor in batch.items()}).logits
-            # Softmax in float32 whatever precision the model ran in.
-            probabilities[indices] = logits.float().softmax(dim=-1).cpu()
-            bar.update(len(indices))
-    return probabilities.numpy()
+    logits = batched_logits(model, token_ids, batch_size, tokenizer.pad_token_id, progress=progress)
+    return logits.softmax(dim=-1).numpy()  # softmax in float32 whatever the model ran in
 
 
 def classify(model, tokenizer, text_or_texts: str | list[str], batch_size: int = 64):
@@ -159,7 +148,7 @@ def save_predictions(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, lambda temporary: table.to_csv(temporary, index=False))
+        write_atomically(path, lambda temporary: table.to_csv(temporary, index=False))
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
     return path

@@ -4,7 +4,6 @@ checkpoints -> best adapter -> one test evaluation -> report.
 The loop is written by hand (no Trainer) so it can be read top to bottom, nanoGPT style:
 autocast, loss / examples-in-window, GradScaler, unscale before clipping, step, zero_grad.
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from . import report
 from .adapter import load_adapter, save_adapter
@@ -24,9 +24,9 @@ from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import length_grouped_batches, load_splits, pad_batch, tokenize
 from .errors import UsageError
 from .layer import check_lora_hyperparameters
-from .model import count_parameters, inject_lora, lora_state_dict, load_lora_state_dict, parameter_table
+from .model import count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table
+from .runtime import RUNS_DIR, autocast_context, batched_logits, pick_device
 
-RUNS_DIR = Path("runs")
 CONFIG_NAME = "train_config.json"
 
 
@@ -95,14 +95,6 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- set-up
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
 def pick_precision(precision: str | None, device: torch.device) -> str:
     """fp16 autocast needs CUDA (and a GradScaler); bf16 autocast works on CPU too."""
     if precision is None:
@@ -110,14 +102,6 @@ def pick_precision(precision: str | None, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--fp16 needs a CUDA device; on CPU use --bf16 or --no-amp")
     return precision
-
-
-def autocast_context(precision: str, device: torch.device):
-    """``torch.autocast`` for fp16/bf16, nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def prepare_output_dir(config: TrainConfig) -> Path:
@@ -175,25 +159,11 @@ def accumulate_gradients(model, micro_batches: list[dict], autocast, scaler) -> 
     return total
 
 
-@torch.no_grad()
-def predict_batches(model, token_ids: list[list[int]], batch_size: int, pad_id: int,
-                    device: torch.device, autocast) -> torch.Tensor:
-    """Logits ``(N, num_labels)`` in input order, batched by length with dynamic padding."""
-    logits = [None] * len(token_ids)
-    for indices in length_grouped_batches([len(t) for t in token_ids], batch_size, seed=0, shuffle=False):
-        batch = pad_batch([token_ids[i] for i in indices], pad_id)
-        with autocast:
-            out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-        for row, index in enumerate(indices):
-            logits[index] = out[row]
-    return torch.stack(logits)
-
-
 def evaluate(model, token_ids, labels, batch_size, pad_id, device, autocast) -> tuple[dict, torch.Tensor]:
     """Loss, accuracy and macro P/R/F1 on a split; also the probabilities ``(N, num_labels)``."""
     was_training = model.training
     model.eval()
-    logits = predict_batches(model, token_ids, batch_size, pad_id, device, autocast)
+    logits = batched_logits(model, token_ids, batch_size, pad_id, autocast)
     model.train(was_training)
     targets = torch.tensor(labels)
     metrics = {"loss": F.cross_entropy(logits, targets).item(),
@@ -246,7 +216,6 @@ def train(config: TrainConfig) -> dict:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = make_optimizer(model, config)
-    from transformers import get_linear_schedule_with_warmup
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_context(precision, device)
