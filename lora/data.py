@@ -120,7 +120,7 @@ def encode_labels(frame: pd.DataFrame, labels: list[str], source) -> pd.DataFram
     if "label" not in frame.columns:
         raise UsageError(f"{source} has no label column")
     values = frame["label"]
-    if values.dtype == object and values.isin(labels).all():
+    if not pd.api.types.is_numeric_dtype(values) and values.isin(labels).all():
         codes = values.map({name: i for i, name in enumerate(labels)})
     else:
         codes = pd.to_numeric(values, errors="coerce")
