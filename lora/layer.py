@@ -80,7 +80,9 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("LoRALinear is merged: call unmerge() before training")
             return result
         x = self.dropout(x).to(self.lora_A.dtype)
-        update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        # Scaling the (*, r) activations, not the (*, out) update, saves a full-width pass
+        # over the output forward and backward (see BENCHMARKS.md, bench/speed.py).
+        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
