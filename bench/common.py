@@ -35,7 +35,7 @@ LORA_DROPOUT = 0.0
 MIB = 2 ** 20
 # Random-weight RoBERTa shapes (timing needs no pretrained weights); roberta-tiny is for --quick.
 ROBERTA_SHAPES = {
-    "roberta-base": {},
+    "roberta-base": dict(max_position_embeddings=514, type_vocab_size=1),  # its config.json
     "roberta-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=128),
 }

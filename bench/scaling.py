@@ -77,13 +77,14 @@ def seq_table(results: dict[int, dict[str, dict[str, float]]]) -> str:
                            "ours peak MiB", "full FT peak MiB"], rows)
 
 
-def plot(model, ranks, by_rank, by_seq, path: Path, memory_unit: str) -> None:
+def plot(model, ranks, by_rank, by_seq, path: Path, args) -> None:
     """Two rows (time, memory increase) by two columns (vs rank, vs sequence length)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     seq_lens = list(by_seq)
+    memory_unit = "CUDA allocated" if args.device.type == "cuda" else "RSS"
     figure, axes = plt.subplots(2, 2, figsize=(11, 8), sharex="col")
     for row, key, label in ((0, "seconds", "seconds per training step"),
                             (1, "increase", f"peak increase, MiB ({memory_unit})")):
@@ -103,9 +104,11 @@ def plot(model, ranks, by_rank, by_seq, path: Path, memory_unit: str) -> None:
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)
             axis.legend()
+    axes[0][0].set_title(f"rank sweep: batch {args.rank_batch} x {RANK_SWEEP_SEQ_LEN} tokens")
+    axes[0][1].set_title(f"sequence length sweep: batch {args.seq_batch}")
     axes[1][0].set_xlabel("LoRA rank r")
     axes[1][1].set_xlabel("sequence length (tokens)")
-    figure.suptitle(f"{model} shape: LoRA (query, value) vs full fine-tuning")
+    figure.suptitle(f"{model} shape, training step: LoRA (query, value) vs full fine-tuning")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -124,9 +127,8 @@ def main(argv=None) -> None:
     base = common.build_base_model(model)
     by_rank = rank_sweep(model, ranks, args.rank_batch, base, args)
     by_seq = seq_sweep(model, seq_lens, args.seq_batch, base, args)
-    memory_unit = "CUDA allocated" if args.device.type == "cuda" else "RSS"
     plot_path = QUICK_PLOT if args.quick else PLOT
-    plot(model, ranks, by_rank, by_seq, plot_path, memory_unit)
+    plot(model, ranks, by_rank, by_seq, plot_path, args)
     body = "\n\n".join([
         f"Model: {model} shape, random weights; LoRA on query and value, head trainable. "
         f"{common.memory_note(args.device)} Plot: `{plot_path.relative_to(common.REPO_ROOT)}`.",
