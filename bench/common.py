@@ -255,13 +255,6 @@ def paired_ratio_cell(times: dict[str, list[float]], numerator: str, denominator
             f"rounds {min(ratios):.2f}-{max(ratios):.2f}")
 
 
-def interleaved_median_values(calls: dict[str, Callable[[], float]], repeats: int,
-                              warmup: int) -> dict[str, float]:
-    """Median of the values each function returns (a throughput it measured itself), run
-    by ``round_robin``."""
-    return medians(round_robin(calls, repeats, warmup))
-
-
 # ----------------------------------------------------------------------------- memory
 def measure_training_memory(setup: Setup, device: torch.device,
                             steps: int = 2) -> dict[str, float]:
