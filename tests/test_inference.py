@@ -22,7 +22,7 @@ from lora.backbone import load_classifier_model
 from lora.data import clean_text
 from lora.errors import run_command
 from lora.inference import classify, latest_run, load_classifier, predict_proba
-from predict import main
+from lora.cli.predict import main
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit beats forecasts",

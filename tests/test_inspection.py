@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from conftest import LABELS
-from inspect_lora import main
+from lora.cli.inspect_lora import main
 from lora import LoRALinear, inject_lora, save_adapter
 from lora.backbone import load_classifier_model
 from lora.inspection import adapter_stats, merge_gap, update_stats

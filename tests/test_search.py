@@ -1,7 +1,7 @@
 """search.py: an Optuna study over train() on the tiny model."""
 import json
 
-from search import command_line, main
+from lora.cli.search import command_line, main
 from lora.training import TrainConfig
 
 

@@ -15,7 +15,7 @@ from lora import inject_lora
 from lora.data import pad_batch, tokenize
 from lora.errors import run_command
 from lora.training import TrainConfig, accumulate_gradients, train
-from train import main, parse_args
+from lora.cli.train import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,113 @@
+"""Classify news texts with a LoRA adapter trained by train.py.
+
+    python predict.py              # the newest run; ./test_unlabelled.pkl -> inference_output.csv
+    python predict.py --adapter runs/20250101-120000 --input data/ag_news/test.csv  # + accuracy, F1
+    python predict.py --text "Stocks rally as oil prices fall" "Team wins the cup"
+    python predict.py --input headlines.txt --probs --output headlines.csv
+
+The CSV is the Kaggle layout: ID (row number) and Label (class index), one row per input row,
+in input order; --probs adds the label name and one probability column per label.
+
+Reads top to bottom: find the adapter, read the texts, load the model with the adapter merged
+into it, predict, score when the input has labels, write the CSV.
+"""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from lora.data import encode_labels, read_table
+from lora.errors import UsageError, run_command
+from lora.inference import latest_run, load_classifier, predict_proba, save_predictions
+from lora.report import classification_metrics
+
+DEFAULT_INPUT = Path("test_unlabelled.pkl")  # the Kaggle competition's unlabelled test set
+CHECK_ROWS = 16  # the merge is checked on this many input texts
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", help="run folder with adapter.safetensors and adapter_config.json "
+                                          "(default: the newest such folder under runs/)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", help="texts to classify: CSV (a 'text' column, or 'title' + 'description', "
+                                        "or the headerless AG News layout), JSONL, Parquet, a pickled pandas "
+                                        "DataFrame or Hugging Face Dataset (.pkl), plain text (.txt, one text a "
+                                        "line), or '-' for standard input. Unpickling runs code: pickles are only "
+                                        "read from the path named here or the default. (default: "
+                                        f"./{DEFAULT_INPUT} if it exists, else standard input)")
+    source.add_argument("--text", nargs="+", help="classify these texts and print 'label<TAB>name<TAB>confidence' "
+                                                  "lines instead of writing a CSV")
+    parser.add_argument("--output", default="inference_output.csv", help="the CSV to write (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--no-merge", action="store_true",
+                        help="keep the LoRA branch apart from the base weights (slower; for checking)")
+    parser.add_argument("--probs", action="store_true",
+                        help="add the label name and one probability column per label to the CSV")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output} is a folder; name the CSV file to write")
+    return args
+
+
+def read_inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
+    """The texts (a ``text`` column, and ``label`` when the file has one) and where they came from."""
+    if args.text is not None:
+        return pd.DataFrame({"text": args.text}), "--text"
+    path = args.input or (str(DEFAULT_INPUT) if DEFAULT_INPUT.is_file() else "-")
+    if path == "-":
+        if sys.stdin.isatty():
+            print("reading texts from standard input, one a line; end with Ctrl-D", file=sys.stderr)
+        frame, source = pd.DataFrame({"text": sys.stdin.read().splitlines()}), "standard input"
+    else:
+        frame, source = read_table(path), path
+    if frame.empty:
+        raise UsageError(f"{source} holds no texts")
+    return frame, source
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+
+    # Adapter and texts; the model, with the adapter merged (checked on the first texts).
+    adapter_dir = Path(args.adapter) if args.adapter else latest_run()
+    frame, source = read_inputs(args)
+    texts = frame["text"].tolist()
+    model, tokenizer = load_classifier(adapter_dir, args.device, merge=not args.no_merge,
+                                       check_texts=texts[:CHECK_ROWS])
+    labels = model.adapter_config["labels"]
+    truth = encode_labels(frame, labels, source)["label"] if "label" in frame.columns else None
+    print(f"adapter {adapter_dir} (base {model.adapter_config['base_model']}), "
+          f"input {source}: {len(texts)} rows", file=sys.stderr)
+
+    # Predict: sorted by length for dynamic padding, returned in input order.
+    probabilities = predict_proba(model, tokenizer, texts, args.batch_size, progress=args.text is None)
+    predictions = probabilities.argmax(axis=1)
+
+    if args.text is not None:
+        for index, row in zip(predictions, probabilities):
+            print(f"{index}\t{labels[index]}\t{row[index]:.4f}")
+        return
+    if truth is not None:
+        metrics = classification_metrics(truth, predictions)
+        print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f} "
+              f"on {len(truth)} labelled rows")
+
+    # The Kaggle layout, written atomically.
+    table = pd.DataFrame({"ID": range(len(texts)), "Label": predictions})
+    if args.probs:
+        table["LabelName"] = [labels[index] for index in predictions]
+        table[labels] = probabilities
+    save_predictions(table, args.output)
+    print(f"wrote {len(table)} predictions to {args.output}")
+
+
+def run() -> None:
+    """The ``lora-predict`` console command and ``python predict.py``."""
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, like errors
+    run_command(main)

