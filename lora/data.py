@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
+from .backbone import OFFLINE_HINT
 from .errors import UsageError
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -176,8 +177,7 @@ def _hub_ag_news() -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         dataset = load_dataset("ag_news")
     except Exception as error:  # no network, hub errors: one line with the offline options
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"cannot load ag_news from the Hugging Face hub ({reason}); "
-                         "offline options: --data bundled or --data PATH") from None
+        raise UsageError(f"cannot load ag_news from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
     labels = dataset["train"].features["label"].names
     return dataset["train"].to_pandas(), dataset["test"].to_pandas(), labels
 

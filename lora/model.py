@@ -49,6 +49,15 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
                 layers: Iterable[int] | None = None, rslora: bool = False) -> list[str]:
     """Wrap every matching ``nn.Linear`` in ``LoRALinear`` and freeze the rest.
 
+    Which modules are wrapped (a rule you can predict from the arguments alone):
+
+    - an ``nn.Linear`` whose last name component is in ``target_modules``,
+    - inside the encoder layers ``layers`` when given,
+    - never inside a module that trains in full (``trainable_modules``): with the default
+      ``("classifier",)``, the target ``dense`` wraps the encoder's ``dense`` layers and not
+      ``classifier.dense``, whose base weight trains as it is;
+    - a name given both as a target and as a trainable module is refused.
+
     Args:
         model: any ``nn.Module``; changed in place.
         target_modules: last name components to adapt (RoBERTa: ``query``, ``key``, ``value``).
@@ -60,23 +69,29 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         The dotted names of the replaced modules, in model order.
 
     Raises:
-        ValueError: on bad hyper-parameters, or when nothing matches (the message lists the
-        Linear names the model does have).
+        ValueError: on bad hyper-parameters, a name in both lists, or when nothing matches
+        (the message lists the Linear names the model does have).
     """
     check_lora_hyperparameters(r, alpha, dropout)
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; inject into a fresh model")
-    targets = set(target_modules)
+    targets, trainable = set(target_modules), tuple(trainable_modules)
+    both = sorted(targets & set(trainable))
+    if both:
+        raise ValueError(f"{', '.join(both)} is both a LoRA target and a module trained in full; "
+                         "name it in one of the two")
     wanted_layers = None if layers is None else set(layers)
     matches = [
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
         and (wanted_layers is None or layer_index(name) in wanted_layers)
+        and not _is_under(name, trainable)
     ]
     if not matches:
         linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                                if isinstance(module, nn.Linear)})
         where = "" if wanted_layers is None else f" in layers {sorted(wanted_layers)}"
+        where += f" outside the trainable modules {list(trainable)}" if trainable else ""
         raise ValueError(f"no nn.Linear named {sorted(targets)}{where}; "
                          f"this model's Linear modules are named {linear_names}")
 
@@ -85,7 +100,6 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout, rslora))
-    trainable = tuple(trainable_modules)
     for name, parameter in model.named_parameters():
         if _is_under(name, trainable):
             parameter.requires_grad_(True)
@@ -108,7 +122,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter: every trainable tensor, i.e. after ``inject_lora`` the LoRA A/B and the head.
 
     Keys are ``model.named_parameters()`` names; values are detached (not copied).
+
+    Raises:
+        ValueError: when a base weight inside a LoRA layer is trainable: once merged, the saved
+        value would hold ``delta_W`` and loading it would apply the update twice.
     """
+    inside = [f"{name}.base" for name, _ in lora_layers(model)]
+    wrong = [name for name, parameter in model.named_parameters()
+             if parameter.requires_grad and _is_under(name, inside)]
+    if wrong:
+        raise ValueError(f"{_some(wrong)} trains inside a LoRA layer; only lora_A / lora_B may")
     return {name: parameter.detach() for name, parameter in model.named_parameters()
             if parameter.requires_grad}
 

@@ -11,8 +11,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score,  # noqa: E402
                              confusion_matrix, precision_recall_fscore_support)
 
-HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "precision_macro": True,
-                    "recall_macro": True, "loss": False}
+from .config import HIGHER_IS_BETTER  # noqa: E402
 
 
 def classification_metrics(labels, predictions) -> dict:

@@ -3,12 +3,17 @@ checkpoints -> best adapter -> one test evaluation -> report.
 
 The loop is written by hand (no Trainer) so it can be read top to bottom, nanoGPT style:
 autocast, loss / examples-in-window, GradScaler, unscale before clipping, step, zero_grad.
+
+Two counters move through a run: ``window`` (how many windows of ``grad_accum`` micro-batches
+were consumed: the position in the data) and ``step`` (how many optimizer updates were applied:
+what the schedule, evaluation and ``--max-steps`` count). They differ only by the steps the fp16
+GradScaler skipped because the gradients overflowed: a skipped step is not a step.
 """
 import dataclasses
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -18,95 +23,49 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import report
-from .adapter import load_adapter, save_adapter
-from .backbone import load_classifier_model, load_tokenizer
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from .adapter import WEIGHTS_NAME, load_adapter, save_adapter
+from .backbone import load_classifier_model, load_tokenizer, require_hub_or_cache
+from .config import TrainConfig
+from .checkpoint import CHECKPOINT_NAME, has_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
 from .data import length_grouped_batches, load_splits, pad_batch, tokenize
 from .errors import UsageError
-from .layer import check_lora_hyperparameters
 from .model import count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table
-from .runtime import RUNS_DIR, autocast_context, batched_logits, pick_device
+from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
 
 CONFIG_NAME = "train_config.json"
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.jsonl"
+# What a finished or interrupted run leaves that a new run must not be confused by (--overwrite).
+RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME)
+# fp16: this many skipped steps in a row means the loss itself is not finite: stop the run.
+MAX_CONSECUTIVE_SKIPS = 20
+# Settings --resume may be given again without changing the run.
+RESUME_FLAGS = ("output_dir", "resume", "overwrite")
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a run; ``train.py`` fills it from the command line.
-
-    The defaults are the seeds' best Optuna configuration for roberta-base on AG News.
-    """
-    r: int = 10
-    alpha: float = 64.0
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("query", "value")
-    layers: tuple[int, ...] | None = None
-    trainable_modules: tuple[str, ...] = ("classifier",)
-    lr: float = 3.99e-4
-    batch_size: int = 32
-    grad_accum: int = 4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    epochs: int = 3
-    max_steps: int | None = None
-    max_length: int = 128
-    eval_steps: int = 400
-    log_steps: int = 10
-    patience: int = 3
-    metric: str = "accuracy"
-    precision: str | None = None  # "fp16", "bf16", "fp32"; None: fp16 on CUDA, fp32 on CPU
-    device: str = "auto"
-    seed: int = 42
-    model: str = "roberta-base"
-    data: str = "ag_news"
-    val_size: float = 0.05
-    clean: bool = False
-    output_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-
-    def check(self) -> None:
-        """Raise ``UsageError`` for impossible settings, before anything is loaded or written."""
-        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
-                    "--eval-steps": self.eval_steps, "--log-steps": self.log_steps,
-                    "--epochs": self.epochs, "--patience": self.patience,
-                    "--max-length": self.max_length}
-        if self.max_steps is not None:
-            positive["--max-steps"] = self.max_steps
-        for flag, value in positive.items():
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 < self.val_size < 1:
-            raise UsageError(f"--val-size must be between 0 and 1, got {self.val_size}")
-        if self.metric not in report.HIGHER_IS_BETTER:
-            raise UsageError(f"--metric must be one of {list(report.HIGHER_IS_BETTER)}")
-        try:
-            check_lora_hyperparameters(self.r, self.alpha, self.dropout)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+class TrainingStopped(UsageError):
+    """The loss or the gradients stopped being finite; the last checkpoint stays resumable."""
 
 
 # ---------------------------------------------------------------- set-up
 
 def pick_precision(precision: str | None, device: torch.device) -> str:
-    """fp16 autocast needs CUDA (and a GradScaler); bf16 autocast works on CPU too."""
+    """The autocast precision: the one asked for, else fp16 on CUDA and fp32 on CPU.
+
+    fp16 also runs on CPU (torch >= 2.3): slowly, but through exactly the autocast + GradScaler
+    code that CUDA runs, which is how the tests exercise it.
+    """
     if precision is None:
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError("--fp16 needs a CUDA device; on CPU use --bf16 or --no-amp")
+        print("note: --fp16 on CPU is slow and meant for CUDA; it runs the same autocast + GradScaler path")
     return precision
 
 
-def prepare_output_dir(config: TrainConfig) -> Path:
-    """The run folder. A non-empty one needs ``--resume`` or ``--overwrite``; ``--resume``
-    without ``--output-dir`` takes the newest run under ``runs/`` that has a checkpoint."""
+def resolve_output_dir(config: TrainConfig) -> Path:
+    """The run folder, checked but not created. A non-empty one needs ``--resume`` or
+    ``--overwrite``; ``--resume`` without ``--output-dir`` takes the newest run with a checkpoint."""
     if config.resume and config.output_dir is None:
         candidates = sorted((d for d in RUNS_DIR.glob("*") if has_checkpoint(d)),
                             key=lambda d: d.stat().st_mtime)
@@ -115,7 +74,7 @@ def prepare_output_dir(config: TrainConfig) -> Path:
         return candidates[-1]
     directory = Path(config.output_dir or RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S"))
     if config.resume:
-        if not has_checkpoint(directory):
+        if not has_checkpoint(directory) or not (directory / CONFIG_NAME).is_file():
             raise UsageError(f"--resume: {directory} has no checkpoint to resume from")
         return directory
     if directory.exists() and not directory.is_dir():
@@ -123,8 +82,38 @@ def prepare_output_dir(config: TrainConfig) -> Path:
     if directory.is_dir() and any(directory.iterdir()) and not config.overwrite:
         raise UsageError(f"output directory {directory} is not empty; "
                          "pass --resume to continue it or --overwrite to write over it")
-    directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def resumed_config(config: TrainConfig, directory: Path) -> TrainConfig:
+    """The saved settings of the run in ``directory``. Flags given with ``--resume`` must not
+    change them (they would make the continued run a different one)."""
+    try:
+        saved = json.loads((directory / CONFIG_NAME).read_text())
+        resumed = TrainConfig(**{**saved, "resume": True, "output_dir": str(directory), "overwrite": False})
+    except (json.JSONDecodeError, TypeError) as error:
+        raise UsageError(f"{directory / CONFIG_NAME} is not a train.py config: {error}") from None
+    defaults = TrainConfig()
+    changed = [field.name for field in dataclasses.fields(TrainConfig)
+               if field.name not in RESUME_FLAGS
+               and getattr(config, field.name) != getattr(defaults, field.name)
+               and getattr(config, field.name) != getattr(resumed, field.name)]
+    if changed:
+        flags = ", ".join("--fp16/--bf16/--no-amp" if name == "precision" else f"--{name.replace('_', '-')}"
+                          for name in changed)
+        raise UsageError(f"--resume continues {directory} with its saved settings; {flags} would change "
+                         "them (start a new run instead)")
+    return resumed
+
+
+def start_output_dir(directory: Path, config: TrainConfig) -> None:
+    """Create the run folder (after every setting was checked) and write ``train_config.json``.
+    ``--overwrite`` first removes what an earlier run left, its checkpoint above all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if config.overwrite:
+        for name in RUN_FILES:
+            (directory / name).unlink(missing_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -159,6 +148,29 @@ def accumulate_gradients(model, micro_batches: list[dict], autocast, scaler) -> 
     return total
 
 
+def optimizer_step(optimizer, scaler, max_grad_norm: float) -> bool:
+    """Unscale, clip, step, update the loss scale. Returns False when the step was skipped.
+
+    With fp16 the gradients were computed on ``loss * scale``: ``unscale_`` divides them back
+    before clipping (clipping scaled gradients would clip nothing or everything), and the
+    scaler skips the step when they hold inf or NaN, halves the scale, and doubles it again
+    after ``growth_interval`` good steps. Without a scaler (fp32, bf16) a non-finite gradient
+    norm skips the step too: nothing non-finite ever reaches the weights.
+    """
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    if not scaler.is_enabled():
+        if not torch.isfinite(norm):
+            return False
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped by the scaler when the gradients overflowed
+    scaler.update()
+    return scaler.get_scale() >= scale  # the scale only ever shrinks after a skipped step
+
+
 def evaluate(model, token_ids, labels, batch_size, pad_id, device, autocast) -> tuple[dict, torch.Tensor]:
     """Loss, accuracy and macro P/R/F1 on a split; also the probabilities ``(N, num_labels)``."""
     was_training = model.training
@@ -173,36 +185,47 @@ def evaluate(model, token_ids, labels, batch_size, pad_id, device, autocast) -> 
 
 # ---------------------------------------------------------------- the job
 
-def train(config: TrainConfig) -> dict:
-    """Run the whole job; returns the summary that is also written to ``summary.json``."""
-    config.check()
-    output_dir = prepare_output_dir(config)
-    if config.resume:
-        saved = json.loads((output_dir / CONFIG_NAME).read_text())
-        config = TrainConfig(**{**saved, "resume": True, "output_dir": str(output_dir)})
-    else:
-        (output_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    device = pick_device(config.device)
-    precision = pick_precision(config.precision, device)
-    print(f"run: {output_dir}  device: {device}  precision: {precision}")
-
-    # Data, tokenised once for the whole run.
+def load_job(config: TrainConfig, device: torch.device):
+    """Data (tokenised once), tokenizer and the LoRA model; every failure here is a UsageError,
+    raised before the run folder exists."""
+    require_hub_or_cache(config.model, config.data)
     splits = load_splits(config.data, config.val_size, config.seed, config.clean)
     tokenizer = load_tokenizer(config.model)
     train_ids = tokenize(splits.train["text"], tokenizer, config.max_length)
     val_ids = tokenize(splits.val["text"], tokenizer, config.max_length)
-    train_labels, val_labels = splits.train["label"].tolist(), splits.val["label"].tolist()
-    print(f"data: {len(train_ids)} train, {len(val_ids)} validation, {len(splits.test)} test rows")
 
     # Model: pretrained encoder + fresh head, LoRA on the target modules, the rest frozen.
     torch.manual_seed(config.seed)
     model = load_classifier_model(config.model, splits.labels)
     try:
-        inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
-                    config.trainable_modules, config.layers)
+        wrapped = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
+                              config.trainable_modules, config.layers)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    model.to(device)
+    return splits, tokenizer, train_ids, val_ids, model.to(device), wrapped
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the whole job; returns the summary that is also written to ``summary.json``."""
+    config.check()
+    output_dir = resolve_output_dir(config)
+    if config.resume:
+        config = resumed_config(config, output_dir)
+    device = pick_device(config.device)
+    checkpoint = load_checkpoint(output_dir) if config.resume else None
+    precision = checkpoint["precision"] if checkpoint else pick_precision(config.precision, device)
+    if checkpoint and checkpoint["device"] != device.type:
+        print(f"note: this run was started on {checkpoint['device']} and continues on {device.type}: "
+              "the result will not be bit-identical to an uninterrupted run")
+
+    splits, tokenizer, train_ids, val_ids, model, wrapped = load_job(config, device)
+    if not config.resume:
+        start_output_dir(output_dir, config)
+    train_labels, val_labels = splits.train["label"].tolist(), splits.val["label"].tolist()
+    print(f"run: {output_dir}  device: {device}  precision: {precision}")
+    print(f"data: {len(train_ids)} train, {len(val_ids)} validation, {len(splits.test)} test rows")
+    print(f"LoRA on {len(wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in wrapped}))}); "
+          f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}")
     trainable, total = count_parameters(model)
     print(parameter_table(model))
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -221,26 +244,28 @@ def train(config: TrainConfig) -> dict:
     autocast = autocast_context(precision, device)
     pad_id = tokenizer.pad_token_id
 
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "records": [],
+    state = {"window": 0, "step": 0, "skipped_steps": 0, "skips_in_a_row": 0, "stopped_early": False,
+             "best": None, "best_step": None, "bad_evals": 0, "records": [],
              "train_seconds": 0.0, "train_examples": 0}
-    if config.resume:
-        checkpoint = load_checkpoint(output_dir)
+    if checkpoint:
         load_lora_state_dict(model, {k: v.to(device) for k, v in checkpoint["adapter"].items()})
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         state = checkpoint["progress"]
+        restore_rng_states(checkpoint["rng"])  # last: building the model drew from the generators
         print(f"resuming at step {state['step']} of {total_steps}")
 
     def checkpoint_now():
         save_checkpoint(output_dir, {"adapter": {k: v.cpu() for k, v in lora_state_dict(model).items()},
                                      "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(),
-                                     "scaler": scaler.state_dict(), "progress": state})
-        report.write_jsonl(output_dir / "metrics.jsonl", state["records"])
+                                     "scaler": scaler.state_dict(), "progress": state,
+                                     "precision": precision, "device": device.type})
+        report.write_jsonl(output_dir / METRICS_NAME, state["records"])
 
-    def evaluate_and_keep_best() -> bool:
-        """Validation metrics; save the adapter when they improve. True when patience runs out."""
+    def evaluate_and_keep_best() -> None:
+        """Validation metrics; save the adapter when they improve; stop when patience runs out."""
         metrics, _ = evaluate(model, val_ids, val_labels, 2 * config.batch_size, pad_id, device, autocast)
         state["records"].append({"kind": "eval", "step": state["step"], **metrics})
         improved = report.is_improvement(config.metric, metrics[config.metric], state["best"])
@@ -249,19 +274,27 @@ def train(config: TrainConfig) -> dict:
             save_adapter(output_dir, model, adapter_config)
         else:
             state["bad_evals"] += 1
+        state["stopped_early"] = state["bad_evals"] >= config.patience
         tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                    + (" (best)" if improved else f" ({state['bad_evals']}/{config.patience} without improvement)"))
-        return state["bad_evals"] >= config.patience
 
-    # The loop: one iteration = one optimizer step over `grad_accum` micro-batches.
+    # The loop: one iteration = one window of `grad_accum` micro-batches = one optimizer step,
+    # unless the GradScaler skips it.
     model.train()
     lengths = [len(ids) for ids in train_ids]
-    progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step")
+    in_terminal = sys.stderr.isatty()  # a bar in a terminal; plain lines in a log file or a pipe
+    progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step",
+                    disable=not in_terminal)
     epoch_batches = {}
-    stopped_early = False
-    try:
-        while state["step"] < total_steps and not stopped_early:
-            epoch, window_in_epoch = divmod(state["step"], steps_per_epoch)
+    with deferred_interrupt() as interrupt:
+        while state["step"] < total_steps and not state["stopped_early"]:
+            if interrupt.requested:
+                checkpoint_now()
+                progress.close()
+                print(f"\ninterrupted at step {state['step']}; checkpoint saved; continue with: "
+                      f"python train.py --resume --output-dir {output_dir}")
+                raise KeyboardInterrupt
+            epoch, window_in_epoch = divmod(state["window"], steps_per_epoch)
             if epoch not in epoch_batches:  # the same order on resume: it depends on seed + epoch only
                 epoch_batches = {epoch: length_grouped_batches(lengths, config.batch_size, config.seed + epoch)}
             window = epoch_batches[epoch][window_in_epoch * config.grad_accum:(window_in_epoch + 1) * config.grad_accum]
@@ -271,37 +304,50 @@ def train(config: TrainConfig) -> dict:
 
             started = time.perf_counter()
             loss = accumulate_gradients(model, micro_batches, autocast, scaler)
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-            scaler.update()
-            scheduler.step()
+            stepped = optimizer_step(optimizer, scaler, config.max_grad_norm)
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            state["window"] += 1
             state["train_seconds"] += time.perf_counter() - started
             state["train_examples"] += sum(len(indices) for indices in window)
+            if not stepped:
+                state["skipped_steps"] += 1
+                state["skips_in_a_row"] += 1
+                state["records"].append({"kind": "skip", "step": state["step"], "window": state["window"],
+                                         "loss": loss, "scale": scaler.get_scale()})
+                limit = MAX_CONSECUTIVE_SKIPS if scaler.is_enabled() else 1
+                if state["skips_in_a_row"] >= limit:
+                    checkpoint_now()
+                    progress.close()
+                    raise TrainingStopped(
+                        f"the loss or gradients were not finite in {state['skips_in_a_row']} window(s) in a row "
+                        f"at step {state['step']} (loss {loss}); stopped without applying them: lower --lr or "
+                        f"--max-grad-norm, or try --bf16; the best adapter so far and a checkpoint are in {output_dir}")
+                continue
+            scheduler.step()  # only after an applied step: a skipped step does not move the schedule
+            state["step"] += 1
+            state["skips_in_a_row"] = 0
 
             throughput = state["train_examples"] / state["train_seconds"]
             lr = scheduler.get_last_lr()[0]
             progress.update()
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{throughput:.1f}")
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{throughput:.1f}",
+                                 skipped=state["skipped_steps"])
             if state["step"] % config.log_steps == 0:
-                state["records"].append({"kind": "train", "step": state["step"], "epoch": epoch,
-                                         "loss": loss, "lr": lr, "examples_per_s": throughput})
+                state["records"].append({"kind": "train", "step": state["step"], "epoch": epoch, "loss": loss,
+                                         "lr": lr, "examples_per_s": throughput,
+                                         "skipped_steps": state["skipped_steps"]})
+                if not in_terminal:
+                    print(f"step {state['step']}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                          f"{throughput:.1f} ex/s, {state['skipped_steps']} skipped", flush=True)
             if state["step"] % config.eval_steps == 0 or state["step"] == total_steps:
-                stopped_early = evaluate_and_keep_best()
+                evaluate_and_keep_best()
                 checkpoint_now()
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"\ninterrupted at step {state['step']}; continue from the last checkpoint with: "
-              f"python train.py --resume --output-dir {output_dir}")
-        raise
     progress.close()
-    if stopped_early:
+    if state["stopped_early"]:
         print(f"early stop at step {state['step']}: no {config.metric} improvement "
               f"in {config.patience} evaluations")
     return _finish(output_dir, config, splits, tokenizer, model, state, trainable, total,
-                   device, autocast, stopped_early)
+                   device, precision, autocast)
 
 
 def _portable_model_name(name: str) -> str:
@@ -310,7 +356,7 @@ def _portable_model_name(name: str) -> str:
 
 
 def _finish(output_dir, config, splits, tokenizer, model, state, trainable, total,
-            device, autocast, stopped_early) -> dict:
+            device, precision, autocast) -> dict:
     """Restore the best adapter, evaluate it once on test, write summary, plots, misclassified."""
     adapter_state, _ = load_adapter(output_dir)
     load_lora_state_dict(model, {k: v.to(device) for k, v in adapter_state.items()})
@@ -320,21 +366,23 @@ def _finish(output_dir, config, splits, tokenizer, model, state, trainable, tota
                                            tokenizer.pad_token_id, device, autocast)
     best_eval = next(r for r in state["records"] if r["kind"] == "eval" and r["step"] == state["best_step"])
     summary = {
-        "best_step": state["best_step"], "steps": state["step"], "stopped_early": stopped_early,
+        "best_step": state["best_step"], "steps": state["step"], "skipped_steps": state["skipped_steps"],
+        "stopped_early": state["stopped_early"],
         "metric": config.metric, "val": {k: v for k, v in best_eval.items() if k not in ("kind", "step")},
         "test": test_metrics, "trainable_parameters": trainable, "total_parameters": total,
         "train_seconds": round(state["train_seconds"], 2),
         "examples_per_second": round(state["train_examples"] / max(state["train_seconds"], 1e-9), 2),
         "train_examples_seen": state["train_examples"], "test_rows": len(test_labels),
-        "device": str(device), "config": dataclasses.asdict(config),
+        "device": str(device), "precision": precision, "config": dataclasses.asdict(config),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report.write_jsonl(output_dir / "metrics.jsonl", state["records"])
+    (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    report.write_jsonl(output_dir / METRICS_NAME, state["records"])
     report.plot_history(state["records"], output_dir)
     probabilities = probabilities.numpy()
     report.plot_test_errors(test_labels, probabilities.argmax(axis=1), splits.labels, output_dir)
     report.misclassified_table(splits.test["text"].tolist(), test_labels, probabilities,
                                splits.labels).to_csv(output_dir / "misclassified.csv", index=False)
+    skipped = f", {state['skipped_steps']} skipped steps" if state["skipped_steps"] else ""
     print(f"test: accuracy {test_metrics['accuracy']:.4f}, macro F1 {test_metrics['f1_macro']:.4f} "
-          f"({len(test_labels)} rows; best step {state['best_step']}); results in {output_dir}")
+          f"({len(test_labels)} rows; best step {state['best_step']}{skipped}); results in {output_dir}")
     return summary

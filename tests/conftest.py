@@ -33,6 +33,12 @@ def tiny_config(**overrides) -> RobertaConfig:
     return RobertaConfig(**settings)
 
 
+def roberta_base_config(**overrides) -> RobertaConfig:
+    """roberta-base's real shape (random weights): 514 positions and one token type, as in its
+    published config; ``RobertaConfig()``'s defaults (512 / 2) would be a slightly different model."""
+    return RobertaConfig(**{"max_position_embeddings": 514, "type_vocab_size": 1, "num_labels": 4, **overrides})
+
+
 def tiny_model(seed: int = 0, **overrides) -> RobertaForSequenceClassification:
     torch.manual_seed(seed)
     return RobertaForSequenceClassification(tiny_config(**overrides)).eval()
@@ -52,9 +58,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    model_max_length=64)
 
 
-def toy_news(rows: int, seed: int = 0) -> pd.DataFrame:
+def toy_news(rows: int, seed: int = 0, noise: float = 0.0) -> pd.DataFrame:
     """A learnable 4-class ``text,label`` table: each text mixes words of its class with
-    common words; lengths vary from 3 to 20 words. Balanced, shuffled, seeded."""
+    common words; lengths vary from 3 to 20 words. Balanced, shuffled, seeded. With ``noise``,
+    that share of the rows gets a random label instead (accuracy can then not saturate)."""
     rng = random.Random(seed)
     records = []
     for i in range(rows):
@@ -63,6 +70,8 @@ def toy_news(rows: int, seed: int = 0) -> pd.DataFrame:
         words = [rng.choice(CLASS_WORDS[label]) if rng.random() < 0.4 else rng.choice(COMMON_WORDS)
                  for _ in range(length)]
         words[rng.randrange(length)] = rng.choice(CLASS_WORDS[label])
+        if rng.random() < noise:
+            label = rng.randrange(4)
         records.append({"text": " ".join(words).capitalize(), "label": label})
     rng.shuffle(records)
     return pd.DataFrame(records)
@@ -106,4 +115,14 @@ def toy_data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("toy-news")
     toy_news(400, seed=1).to_csv(folder / "train.csv", index=False)
     toy_news(120, seed=2).to_csv(folder / "test.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def noisy_data_dir(tmp_path_factory):
+    """Like ``toy_data_dir`` with 40% random labels: validation metrics keep moving during a
+    short run instead of sitting at accuracy 1.0, so runs that differ can be told apart."""
+    folder = tmp_path_factory.mktemp("noisy-news")
+    toy_news(400, seed=1, noise=0.4).to_csv(folder / "train.csv", index=False)
+    toy_news(120, seed=2, noise=0.4).to_csv(folder / "test.csv", index=False)
     return folder

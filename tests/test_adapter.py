@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import RobertaForSequenceClassification
 
-from conftest import LABELS, tiny_model, tiny_tokenizer
+from conftest import LABELS, roberta_base_config, tiny_model, tiny_tokenizer
 from lora import (apply_adapter, count_parameters, inject_lora, load_adapter, lora_layers,
                   lora_settings, lora_state_dict, merge_lora, save_adapter)
 from lora.adapter import CONFIG_NAME, WEIGHTS_NAME
@@ -116,7 +116,7 @@ def roberta_base_adapter(tmp_path_factory):
     """The adapter of a real roberta-base-shaped model (random weights, nothing downloaded)
     with r=10, alpha=64 on query and value; the model is built once for this module."""
     torch.manual_seed(0)
-    model = RobertaForSequenceClassification(RobertaConfig(num_labels=4)).eval()
+    model = RobertaForSequenceClassification(roberta_base_config()).eval()
     inject_lora(model, ("query", "value"), r=10, alpha=64)
     assert count_parameters(model)[0] == 962_308
     return save_adapter(tmp_path_factory.mktemp("roberta-base-adapter"), model)

@@ -3,9 +3,9 @@ zero initialisation, gradients, merge/unmerge of a whole model, adapter state an
 import pytest
 import torch
 from torch import nn
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import RobertaForSequenceClassification
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import roberta_base_config, tiny_model, tiny_tokenizer
 from lora import (LoRALinear, count_parameters, inject_lora, layer_index, load_lora_state_dict,
                   lora_layers, lora_settings, lora_state_dict, merge_lora, parameter_table,
                   unmerge_lora)
@@ -50,7 +50,7 @@ def roberta_base_shape(device: str = "cpu") -> RobertaForSequenceClassification:
     device it costs no memory and no time, which is all that parameter counting needs."""
     torch.manual_seed(0)
     with torch.device(device):
-        return RobertaForSequenceClassification(RobertaConfig(num_labels=4)).eval()
+        return RobertaForSequenceClassification(roberta_base_config()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def roberta_base_r10():
 
 def test_roberta_base_r10_query_value_count(roberta_base_r10):
     model, names, base_total = roberta_base_r10
-    assert base_total == 124_647_940
+    assert base_total == 124_648_708
     assert len(names) == 24
     # 24 * 10 * (768 + 768) = 368,640 LoRA + head 768*768+768 + 768*4+4 = 593,668.
     assert count_parameters(model) == (962_308, base_total + 368_640)
@@ -82,14 +82,14 @@ def test_roberta_base_parameter_table(roberta_base_r10):
     assert table[1].split() == ["roberta.encoder.layer.0.attention.self.query", "10x768", "768x10",
                                 "15,360", "10", "*", "(768", "+", "768)"]
     assert "classifier.dense.weight" in table[25] and "589,824" in table[25]
-    assert table[-1].split() == ["total", "962,308", "0.770%", "of", "125,016,580"]
+    assert table[-1].split() == ["total", "962,308", "0.770%", "of", "125,017,348"]
 
 
 def test_roberta_base_r8_query_count():
     model = roberta_base_shape("meta")
     inject_lora(model, ("query",), r=8, alpha=16)
     # 12 * 8 * (768 + 768) = 147,456 LoRA + 593,668 head.
-    assert count_parameters(model) == (741_124, 124_647_940 + 147_456)
+    assert count_parameters(model) == (741_124, 124_648_708 + 147_456)
 
 
 def test_count_parameters_tiny():
@@ -353,3 +353,23 @@ def test_load_lora_state_dict_rejects_bad_states_naming_the_key(kind, key):
         load_lora_state_dict(target, bad)
     assert key in str(error.value)
     assert_same_tensors(target, saved)  # nothing copied
+
+
+def test_targets_never_reach_modules_trained_in_full():
+    model = tiny_model(0)
+    names = inject_lora(model, ("dense",), r=2, alpha=4, trainable_modules=("classifier",))
+    assert names == [f"roberta.encoder.layer.{i}.{m}.dense" for i in (0, 1)
+                     for m in ("attention.output", "intermediate", "output")]
+    assert isinstance(model.classifier.dense, nn.Linear) and model.classifier.dense.weight.requires_grad
+    with pytest.raises(ValueError, match="dense is both a LoRA target and a module trained in full"):
+        inject_lora(tiny_model(0), ("dense",), r=2, alpha=4, trainable_modules=("dense",))
+    with pytest.raises(ValueError, match="outside the trainable modules"):
+        inject_lora(tiny_model(0), ("out_proj",), r=2, alpha=4, trainable_modules=("classifier",))
+
+
+def test_an_adapter_never_holds_a_base_weight():
+    model = tiny_model(0)
+    inject_lora(model, ("query",), r=2, alpha=4)
+    model.roberta.encoder.layer[0].attention.self.query.base.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trains inside a LoRA layer"):
+        lora_state_dict(model)

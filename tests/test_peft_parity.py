@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import RobertaForSequenceClassification
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import roberta_base_config, tiny_model, tiny_tokenizer
 from lora import count_parameters, inject_lora, lora_layers, lora_state_dict, merge_lora
 
 TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
@@ -66,7 +66,7 @@ def test_trainable_counts_match_peft_on_roberta_base(targets, r, alpha, expected
     def roberta_base_shape():
         # Parameter counts need shapes only: on the meta device a 125M model costs nothing.
         with torch.device("meta"):
-            return RobertaForSequenceClassification(RobertaConfig(num_labels=4))
+            return RobertaForSequenceClassification(roberta_base_config())
 
     ours = roberta_base_shape()
     inject_lora(ours, targets, r=r, alpha=alpha)

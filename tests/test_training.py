@@ -1,20 +1,17 @@
 """The training job end to end on a tiny random RoBERTa and a learnable toy task."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import lora.training as training
-from conftest import tiny_model, toy_news, tiny_tokenizer
-from lora import inject_lora
-from lora.data import pad_batch, tokenize
 from lora.errors import run_command
-from lora.training import TrainConfig, accumulate_gradients, train
+from lora.training import TrainConfig, train
 from lora.cli.train import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,30 +55,6 @@ def test_loss_decreases_and_the_run_folder_holds_everything(tiny_model_dir, toy_
     assert wrong["confidence"].is_monotonic_decreasing
 
 
-def test_gradient_accumulation_4x8_equals_one_batch_of_32():
-    tokenizer = tiny_tokenizer()
-    data = toy_news(32, seed=3)
-    ids, labels = tokenize(data["text"], tokenizer, 32), data["label"].tolist()
-    gradients = []
-    for split in (1, 4):
-        model = tiny_model(seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        inject_lora(model, r=4, alpha=8.0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
-        model.train()
-        size = 32 // split
-        batches = [pad_batch(ids[i:i + size], tokenizer.pad_token_id, labels[i:i + size])
-                   for i in range(0, 32, size)]
-        accumulate_gradients(model, batches, torch.autocast("cpu", enabled=False),
-                             torch.amp.GradScaler("cpu", enabled=False))
-        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == 2 * 2 * 2 + 4
-    for name in gradients[0]:
-        torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-5, rtol=0)
-
-
 def test_early_stopping_fires_after_patience_evaluations_without_improvement(
         tiny_model_dir, toy_data_dir, tmp_path):
     # A learning rate too small to change any prediction: the first evaluation stays best.
@@ -90,38 +63,6 @@ def test_early_stopping_fires_after_patience_evaluations_without_improvement(
     assert summary["stopped_early"] is True
     assert summary["best_step"] == 2
     assert summary["steps"] == 6  # evaluations at steps 2 (best), 4 and 6 (no improvement)
-
-
-def test_resume_after_interruption_reproduces_the_uninterrupted_adapter(
-        tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
-    settings = dict(dropout=0.1, max_steps=8, eval_steps=2, patience=100)
-    train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "straight", **settings))
-
-    calls = {"n": 0}
-    real_step = training.accumulate_gradients
-
-    def crash_at_step_6(*args):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(training, "accumulate_gradients", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "resumed", **settings))
-    monkeypatch.setattr(training, "accumulate_gradients", real_step)
-    torch.manual_seed(1234)  # whatever state the process is in: the checkpoint restores it
-    summary = train(TrainConfig(output_dir=str(tmp_path / "resumed"), resume=True))
-
-    straight = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
-    resumed = load_file(str(tmp_path / "resumed" / "adapter.safetensors"))
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    assert summary["steps"] == 8
-    assert summary == {**json.loads((tmp_path / "straight" / "summary.json").read_text()),
-                       "config": summary["config"], "train_seconds": summary["train_seconds"],
-                       "examples_per_second": summary["examples_per_second"]}
 
 
 def run_main(argv, capsys) -> str:
@@ -139,7 +80,7 @@ def run_main(argv, capsys) -> str:
     (["--val-size", "1.5"], "--val-size must be between 0 and 1"),
     (["--r", "0"], "rank r must be an integer >= 1"),
     (["--dropout", "1"], "dropout must be in [0, 1)"),
-    (["--fp16", "--device", "cpu"], "--fp16 needs a CUDA device"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
     (["--target-modules", "q", "v"], "this model's Linear modules are named"),
 ])
 def test_impossible_settings_are_one_line_errors(flags, message, tiny_model_dir, toy_data_dir,
@@ -201,3 +142,62 @@ def test_command_line_exit_code_and_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --batch-size must be at least 1, got 0"
+
+
+def test_nothing_is_written_before_the_settings_are_known_good(tiny_model_dir, toy_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_model_dir), "--data", str(toy_data_dir), "--output-dir", str(out)]
+    assert "Linear modules are named" in run_main([*base, "--target-modules", "q", "v"], capsys)
+    assert "does not exist" in run_main([*base[:2], "--data", str(tmp_path / "absent.csv"), *base[4:]], capsys)
+    assert not out.exists()
+    main([*base, "--max-steps", "1", "--batch-size", "16", "--max-length", "32"])  # corrected: runs
+    assert (out / "adapter.safetensors").is_file()
+
+
+def test_overwrite_clears_the_previous_runs_checkpoint(tiny_model_dir, toy_data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    flags = ["--model", str(tiny_model_dir), "--data", str(toy_data_dir), "--output-dir", str(out),
+             "--batch-size", "16", "--max-length", "32", "--eval-steps", "2"]
+    main([*flags, "--max-steps", "2"])
+    assert (out / "checkpoint.pt").is_file()
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "accumulate_gradients", crash)  # the new run dies at its first step
+    with pytest.raises(KeyboardInterrupt):
+        main([*flags, "--max-steps", "4", "--r", "2", "--overwrite"])
+    assert not (out / "checkpoint.pt").exists() and not (out / "adapter.safetensors").exists()
+    assert json.loads((out / "train_config.json").read_text())["r"] == 2
+    assert "no checkpoint" in run_main(["--resume", "--output-dir", str(out)], capsys)
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tiny_model_dir, toy_data_dir, tmp_path, capsys):
+    main(["--model", str(tiny_model_dir), "--data", str(toy_data_dir), "--output-dir", str(tmp_path / "run"),
+          "--batch-size", "16", "--max-length", "32", "--max-steps", "6", "--log-steps", "2", "--eval-steps", "3"])
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    steps = [line for line in captured.out.splitlines() if line.startswith("step ") and "/6:" in line]
+    assert [line.split(":")[0] for line in steps] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert all("ex/s, 0 skipped" in line for line in steps)
+
+
+def test_targets_are_printed_and_a_module_in_both_lists_is_refused(tiny_model_dir, toy_data_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_model_dir), "--data", str(toy_data_dir), "--batch-size", "16", "--max-length", "32",
+            "--max-steps", "1"]
+    main([*base, "--output-dir", str(tmp_path / "dense"), "--target-modules", "dense"])
+    assert "LoRA on 4 modules (dense); trained in full: classifier" in capsys.readouterr().out
+    error = run_main([*base, "--output-dir", str(tmp_path / "both"), "--target-modules", "dense",
+                      "--trainable-modules", "dense"], capsys)
+    assert "dense is both a LoRA target and a module trained in full" in error
+
+
+def test_offline_the_default_run_fails_at_once_naming_both_offline_flags(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--r", "10", "--alpha", "64"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: the Hugging Face hub is unreachable")
+    assert "--model roberta-base and --data ag_news are not cached" in result.stderr
+    assert "--model minilm --data bundled" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/<timestamp> folder, nothing else

@@ -7,9 +7,9 @@ Reads top to bottom: parse the flags into a TrainConfig, run the job in lora/tra
 """
 import argparse
 
+from lora.backbone import require_hub_or_cache
+from lora.config import HIGHER_IS_BETTER, TrainConfig
 from lora.errors import run_command
-from lora.report import HIGHER_IS_BETTER
-from lora.training import TrainConfig, train
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -74,6 +74,12 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> None:
     config = parse_args(argv)
+    # The quick checks first: bad flags and an unreachable hub fail in a second, before
+    # the training stack (transformers, datasets, scikit-learn, matplotlib) is even imported.
+    config.check()
+    if not config.resume:  # a resumed run checks the model and data it was started with
+        require_hub_or_cache(config.model, config.data)
+    from lora.training import train
     train(config)
 
 

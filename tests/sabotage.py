@@ -1,0 +1,138 @@
+"""Break the product code on purpose, one way at a time, and check that a test notices.
+
+    python tests/sabotage.py             # every sabotage (about 5 minutes on 2 cores)
+    python tests/sabotage.py resume rng  # those whose name contains one of these words
+
+Each sabotage replaces one piece of product code in a fresh copy of the repository (never in
+this checkout), runs the tests that guard it there, and passes when they fail. A sabotage the
+tests do not notice is a missing test. Exit code: the number of sabotages that went unnoticed.
+"""
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOOP = "tests/test_loop.py::"
+
+
+@dataclass
+class Sabotage:
+    name: str
+    file: str
+    original: str
+    broken: str
+    tests: tuple[str, ...]
+
+
+SABOTAGES = [
+    Sabotage("resume: skip optimizer.load_state_dict", "lora/training.py",
+             'optimizer.load_state_dict(checkpoint["optimizer"])', "pass",
+             (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
+    Sabotage("resume: skip the RNG restore", "lora/training.py",
+             'restore_rng_states(checkpoint["rng"])  #', "pass  #",
+             (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
+    Sabotage("resume: skip the scheduler restore", "lora/training.py",
+             'scheduler.load_state_dict(checkpoint["scheduler"])', "pass",
+             (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
+    Sabotage("ctrl-c: no checkpoint at the interrupted step", "lora/training.py",
+             "            if interrupt.requested:\n                checkpoint_now()\n",
+             "            if interrupt.requested:\n",
+             (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
+    Sabotage("fp16: step the scheduler on skipped steps", "lora/training.py",
+             '            if not stepped:\n', '            if not stepped:\n                scheduler.step()\n',
+             (LOOP + "test_fp16_on_cpu_trains_and_a_planted_overflow_skips_exactly_one_step",)),
+    Sabotage("fp16: count a skipped step as a step", "lora/training.py",
+             "                continue\n            scheduler.step()", "                pass\n            scheduler.step()",
+             (LOOP + "test_fp16_on_cpu_trains_and_a_planted_overflow_skips_exactly_one_step",)),
+    Sabotage("fp16: forget unscale_ before clipping", "lora/training.py",
+             "    scaler.unscale_(optimizer)  # clip the true gradients", "    pass  # clip the true gradients",
+             (LOOP + "test_clipping_acts_on_the_true_gradients",)),
+    Sabotage("fp32: apply a non-finite gradient", "lora/training.py",
+             "        if not torch.isfinite(norm):\n            return False\n", "",
+             (LOOP + "test_without_a_scaler_a_non_finite_gradient_is_never_applied",
+              LOOP + "test_non_finite_gradients_in_fp32_stop_at_once_with_a_resumable_checkpoint")),
+    Sabotage("fp32: tolerate non-finite windows like fp16 does", "lora/training.py",
+             "limit = MAX_CONSECUTIVE_SKIPS if scaler.is_enabled() else 1", "limit = MAX_CONSECUTIVE_SKIPS",
+             (LOOP + "test_non_finite_gradients_in_fp32_stop_at_once_with_a_resumable_checkpoint",)),
+    Sabotage("clipping: ignore --max-grad-norm", "lora/training.py",
+             "clip_grad_norm_(parameters, max_grad_norm)", 'clip_grad_norm_(parameters, float("inf"))',
+             (LOOP + "test_clipping_acts_on_the_true_gradients",)),
+    Sabotage("accumulation: scale the loss per micro-batch, not per window", "lora/training.py",
+             'reduction="sum") / window_examples', 'reduction="sum") / len(batch["labels"])',
+             (LOOP + "test_accumulating_8_8_5_gives_the_gradient_of_one_batch_of_21",)),
+    Sabotage("schedule: drop the warm-up", "lora/training.py",
+             "round(config.warmup_ratio * total_steps)", "0",
+             (LOOP + "test_warmup_then_linear_decay",)),
+    Sabotage("weight decay: decay biases too", "lora/training.py",
+             "skip = parameter.ndim < 2 or ", "skip = ",
+             (LOOP + "test_weight_decay_skips_biases_and_layernorm",)),
+    Sabotage("best adapter: test the last adapter instead", "lora/training.py",
+             "    load_lora_state_dict(model, {k: v.to(device) for k, v in adapter_state.items()})\n", "",
+             (LOOP + "test_the_best_evaluation_not_the_last_decides_the_tested_adapter",)),
+    Sabotage("--overwrite: keep the old checkpoint", "lora/training.py",
+             "            (directory / name).unlink(missing_ok=True)", "            pass",
+             ("tests/test_training.py::test_overwrite_clears_the_previous_runs_checkpoint",)),
+    Sabotage("targets: wrap modules that train in full", "lora/model.py",
+             "        and not _is_under(name, trainable)\n", "",
+             ("tests/test_model.py::test_targets_never_reach_modules_trained_in_full",)),
+    Sabotage("LoRA: drop the B = 0 initialisation", "lora/layer.py",
+             "self.lora_B = nn.Parameter(torch.zeros(", "self.lora_B = nn.Parameter(torch.ones(",
+             ("tests/test_layer.py::test_zero_init_returns_the_base_output_bit_for_bit",)),
+    Sabotage("LoRA: merge without the scaling", "lora/layer.py",
+             "return (self.lora_B.float() @ self.lora_A.float()) * self.scaling",
+             "return self.lora_B.float() @ self.lora_A.float()",
+             ("tests/test_layer.py::test_merge_then_unmerge_float32",)),
+]
+
+
+def copy_repository(destination: Path) -> None:
+    """The tracked and the untracked-but-not-ignored files: the working tree as it is."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+
+
+def caught(sabotage: Sabotage, copy: Path) -> bool:
+    """Apply the sabotage in ``copy``, run its tests, restore; True when a test failed."""
+    path = copy / sabotage.file
+    text = path.read_text()
+    if text.count(sabotage.original) != 1:
+        raise SystemExit(f"sabotage {sabotage.name!r}: the code it breaks is not in {sabotage.file} "
+                         "exactly once; update tests/sabotage.py")
+    path.write_text(text.replace(sabotage.original, sabotage.broken))
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                 *sabotage.tests], cwd=copy, capture_output=True, text=True)
+    finally:
+        path.write_text(text)
+    if result.returncode not in (0, 1):
+        raise SystemExit(f"sabotage {sabotage.name!r}: pytest could not run:\n{result.stdout[-2000:]}")
+    return result.returncode == 1
+
+
+def main(words: list[str]) -> int:
+    chosen = [s for s in SABOTAGES if not words or any(w.lower() in s.name.lower() for w in words)]
+    missed = 0
+    with tempfile.TemporaryDirectory(prefix="sabotage-") as folder:
+        copy = Path(folder)
+        copy_repository(copy)
+        for sabotage in chosen:
+            started = time.perf_counter()
+            ok = caught(sabotage, copy)
+            missed += not ok
+            guard = ", ".join(test.split("::")[-1] for test in sabotage.tests)
+            print(f"{'caught' if ok else 'MISSED'}  {sabotage.name}  <- {guard}  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} sabotages caught")
+    return missed
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
