@@ -43,7 +43,6 @@ def restore_rng_states(states: dict) -> None:
 
 def save_checkpoint(directory: Path, state: dict) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    state = {**state, "rng": rng_states()}
     write_atomically(directory / CHECKPOINT_NAME, lambda path: torch.save(state, path))
 
 

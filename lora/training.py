@@ -22,15 +22,17 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import report
+from . import distributed, report
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .adapter import WEIGHTS_NAME, load_adapter, save_adapter
 from .backbone import load_classifier_model, load_tokenizer, require_hub_or_cache
 from .config import TrainConfig
-from .checkpoint import CHECKPOINT_NAME, has_checkpoint, load_checkpoint, restore_rng_states, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, has_checkpoint, load_checkpoint, restore_rng_states, rng_states,
+                         save_checkpoint)
 from .data import length_grouped_batches, load_splits, pad_batch, tokenize
 from .errors import UsageError
 from .model import count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table
+from .distributed import World
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
 
 CONFIG_NAME = "train_config.json"
@@ -129,21 +131,29 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def accumulate_gradients(model, micro_batches: list[dict], autocast, scaler) -> float:
+def accumulate_gradients(model, micro_batches: list[dict], autocast, scaler,
+                         window_examples: int | None = None, ranks: int = 1) -> float:
     """Forward and backward over the micro-batches of one optimizer step.
 
     Each micro-batch's summed cross-entropy is divided by the number of examples in the whole
-    window, so the accumulated gradient is the gradient of the window's mean loss, whatever
-    the split (4 x 8 == 1 x 32) and however short a last window is. Returns that mean loss.
+    window (on all ranks: ``window_examples``; default: these micro-batches), so the accumulated
+    gradient is the gradient of the window's mean loss, whatever the split (4 x 8 == 1 x 32 ==
+    2 ranks x 2 x 8) and however short a last window is. DDP averages the ``ranks`` gradients,
+    hence the factor ``ranks``. Returns this rank's share of the window's mean loss.
+
+    A micro-batch with ``loss_weight`` 0 is a stand-in for a rank whose share of a short last
+    batch is empty: it takes part in DDP's all-reduce and adds nothing.
     """
-    window_examples = sum(len(batch["labels"]) for batch in micro_batches)
+    window_examples = window_examples or sum(len(batch["labels"]) for batch in micro_batches)
     total = 0.0
-    for batch in micro_batches:
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # The loss in float32 whatever autocast did to the logits.
-        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / window_examples
-        scaler.scale(loss).backward()
+    for index, batch in enumerate(micro_batches):
+        with distributed.no_sync(model, last_micro_batch=index == len(micro_batches) - 1):
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # The loss in float32 whatever autocast did to the logits.
+            loss = (F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                    * batch.get("loss_weight", 1.0) / window_examples)
+            scaler.scale(loss * ranks).backward()
         total += loss.item()
     return total
 
@@ -171,16 +181,38 @@ def optimizer_step(optimizer, scaler, max_grad_norm: float) -> bool:
     return scaler.get_scale() >= scale  # the scale only ever shrinks after a skipped step
 
 
-def evaluate(model, token_ids, labels, batch_size, pad_id, device, autocast) -> tuple[dict, torch.Tensor]:
-    """Loss, accuracy and macro P/R/F1 on a split; also the probabilities ``(N, num_labels)``."""
+def evaluate(model, token_ids, labels, batch_size, pad_id, device, autocast,
+             world: World = World()) -> tuple[dict, torch.Tensor]:
+    """Loss, accuracy and macro P/R/F1 on a split; also the probabilities ``(N, num_labels)``.
+
+    With several ranks each computes the logits of its contiguous share and all of them get
+    every share back, in order: every rank computes the same metrics (and so takes the same
+    early-stopping decision), and no row is counted twice.
+    """
     was_training = model.training
     model.eval()
-    logits = batched_logits(model, token_ids, batch_size, pad_id, autocast)
+    mine = distributed.shard(list(range(len(token_ids))), world)
+    logits = batched_logits(model, [token_ids[i] for i in mine], batch_size, pad_id, autocast)
+    logits = torch.cat(distributed.gather(logits, world))
     model.train(was_training)
     targets = torch.tensor(labels)
     metrics = {"loss": F.cross_entropy(logits, targets).item(),
                **report.classification_metrics(labels, logits.argmax(dim=1).numpy())}
     return metrics, logits.softmax(dim=1)
+
+
+def check_every_trainable_gets_a_gradient(model, batch: dict) -> None:
+    """One forward and backward (random generators untouched) before training: a trainable
+    parameter that gets no gradient (``--trainable-modules pooler`` on a model that never uses
+    its pooler) is a one-line error here, not a DistributedDataParallel traceback later."""
+    with torch.random.fork_rng(devices=[]):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().sum().backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    if unused:
+        shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+        raise UsageError(f"{shown} would train but the model's output does not depend on it; "
+                         "drop it from --trainable-modules")
 
 
 # ---------------------------------------------------------------- the job
@@ -206,22 +238,49 @@ def load_job(config: TrainConfig, device: torch.device):
 
 
 def train(config: TrainConfig) -> dict:
-    """Run the whole job; returns the summary that is also written to ``summary.json``."""
+    """Run the whole job; returns the summary that is also written to ``summary.json``.
+
+    Under ``torchrun`` every process runs this with the same config: one model trained with
+    data parallelism (see ``lora/distributed.py``); rank 0 prints and writes the files.
+    """
     config.check()
+    world = distributed.start(pick_device(config.device))
+    try:
+        with distributed.quiet_unless_main(world):
+            return _train(config, world)
+    finally:
+        distributed.stop(world)
+
+
+def _open_run(config: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
+    """The run folder, the settings (saved ones on ``--resume``) and the checkpoint to resume."""
     output_dir = resolve_output_dir(config)
-    if config.resume:
-        config = resumed_config(config, output_dir)
-    device = pick_device(config.device)
-    checkpoint = load_checkpoint(output_dir) if config.resume else None
+    if not config.resume:
+        return output_dir, config, None
+    return output_dir, resumed_config(config, output_dir), load_checkpoint(output_dir)
+
+
+def _train(config: TrainConfig, world: World) -> dict:
+    device = world.device
+    output_dir, config, checkpoint = distributed.from_main(world, lambda: _open_run(config))
+    if checkpoint and checkpoint["world_size"] != world.size:
+        raise UsageError(f"{output_dir} was trained by {checkpoint['world_size']} process(es) and the position in "
+                         f"the data depends on it: resume with torchrun --nproc_per_node {checkpoint['world_size']}")
     precision = checkpoint["precision"] if checkpoint else pick_precision(config.precision, device)
     if checkpoint and checkpoint["device"] != device.type:
         print(f"note: this run was started on {checkpoint['device']} and continues on {device.type}: "
               "the result will not be bit-identical to an uninterrupted run")
 
     splits, tokenizer, train_ids, val_ids, model, wrapped = load_job(config, device)
-    if not config.resume:
-        start_output_dir(output_dir, config)
     train_labels, val_labels = splits.train["label"].tolist(), splits.val["label"].tolist()
+    pad_id = tokenizer.pad_token_id
+    check_every_trainable_gets_a_gradient(
+        model, {k: v.to(device) for k, v in pad_batch(train_ids[:2], pad_id).items()})
+    if world.is_main and not config.resume:
+        start_output_dir(output_dir, config)
+    distributed.barrier(world)
+    if world.distributed:
+        torch.manual_seed(config.seed + world.rank)  # each rank its own dropout masks
     print(f"run: {output_dir}  device: {device}  precision: {precision}")
     print(f"data: {len(train_ids)} train, {len(val_ids)} validation, {len(splits.test)} test rows")
     print(f"LoRA on {len(wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in wrapped}))}); "
@@ -229,11 +288,14 @@ def train(config: TrainConfig) -> dict:
     trainable, total = count_parameters(model)
     print(parameter_table(model))
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    global_batch = config.batch_size * world.size
+    print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
+          f"{world.size} process(es) = {global_batch * config.grad_accum} examples per optimizer step")
     adapter_config = {"base_model": _portable_model_name(config.model), "labels": splits.labels,
                       "max_length": config.max_length, "clean": config.clean}
 
     # Optimisation: AdamW, linear warm-up then linear decay, GradScaler for fp16.
-    batches_per_epoch = math.ceil(len(train_ids) / config.batch_size)
+    batches_per_epoch = math.ceil(len(train_ids) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -242,7 +304,7 @@ def train(config: TrainConfig) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_context(precision, device)
-    pad_id = tokenizer.pad_token_id
+    trained_model = distributed.wrap(model, world)  # what the loop runs forward and backward
 
     state = {"window": 0, "step": 0, "skipped_steps": 0, "skips_in_a_row": 0, "stopped_early": False,
              "best": None, "best_step": None, "bad_evals": 0, "records": [],
@@ -253,62 +315,73 @@ def train(config: TrainConfig) -> dict:
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         state = checkpoint["progress"]
-        restore_rng_states(checkpoint["rng"])  # last: building the model drew from the generators
+        restore_rng_states(checkpoint["rng"][world.rank])  # last: building the model drew from them
         print(f"resuming at step {state['step']} of {total_steps}")
 
     def checkpoint_now():
-        save_checkpoint(output_dir, {"adapter": {k: v.cpu() for k, v in lora_state_dict(model).items()},
-                                     "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(),
-                                     "scaler": scaler.state_dict(), "progress": state,
-                                     "precision": precision, "device": device.type})
-        report.write_jsonl(output_dir / METRICS_NAME, state["records"])
+        rng = distributed.gather(rng_states(), world)  # every rank's generators, in rank order
+        if world.is_main:
+            save_checkpoint(output_dir, {"adapter": {k: v.cpu() for k, v in lora_state_dict(model).items()},
+                                         "optimizer": optimizer.state_dict(),
+                                         "scheduler": scheduler.state_dict(),
+                                         "scaler": scaler.state_dict(), "progress": state, "rng": rng,
+                                         "precision": precision, "device": device.type, "world_size": world.size})
+            report.write_jsonl(output_dir / METRICS_NAME, state["records"])
 
     def evaluate_and_keep_best() -> None:
         """Validation metrics; save the adapter when they improve; stop when patience runs out."""
-        metrics, _ = evaluate(model, val_ids, val_labels, 2 * config.batch_size, pad_id, device, autocast)
+        metrics, _ = evaluate(model, val_ids, val_labels, 2 * config.batch_size, pad_id, device, autocast, world)
         state["records"].append({"kind": "eval", "step": state["step"], **metrics})
         improved = report.is_improvement(config.metric, metrics[config.metric], state["best"])
         if improved:
             state.update(best=metrics[config.metric], best_step=state["step"], bad_evals=0)
-            save_adapter(output_dir, model, adapter_config)
+            if world.is_main:
+                save_adapter(output_dir, model, adapter_config)
         else:
             state["bad_evals"] += 1
         state["stopped_early"] = state["bad_evals"] >= config.patience
         tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                    + (" (best)" if improved else f" ({state['bad_evals']}/{config.patience} without improvement)"))
 
+    def rank_micro_batch(indices: list[int]) -> dict:
+        """This rank's share of one global batch, padded; a zero-weight stand-in when it has none."""
+        mine = distributed.shard(indices, world)
+        batch = pad_batch([train_ids[i] for i in mine or indices[:1]], pad_id,
+                          [train_labels[i] for i in mine or indices[:1]])
+        return {**batch, "loss_weight": 1.0 if mine else 0.0}
+
     # The loop: one iteration = one window of `grad_accum` micro-batches = one optimizer step,
     # unless the GradScaler skips it.
-    model.train()
+    trained_model.train()
     lengths = [len(ids) for ids in train_ids]
-    in_terminal = sys.stderr.isatty()  # a bar in a terminal; plain lines in a log file or a pipe
+    in_terminal = sys.stderr.isatty() and world.is_main  # a bar in a terminal; plain lines in a log
     progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step",
                     disable=not in_terminal)
     epoch_batches = {}
     with deferred_interrupt() as interrupt:
         while state["step"] < total_steps and not state["stopped_early"]:
-            if interrupt.requested:
+            if distributed.any_rank(interrupt.requested, world):
                 checkpoint_now()
                 progress.close()
                 print(f"\ninterrupted at step {state['step']}; checkpoint saved; continue with: "
                       f"python train.py --resume --output-dir {output_dir}")
                 raise KeyboardInterrupt
             epoch, window_in_epoch = divmod(state["window"], steps_per_epoch)
-            if epoch not in epoch_batches:  # the same order on resume: it depends on seed + epoch only
-                epoch_batches = {epoch: length_grouped_batches(lengths, config.batch_size, config.seed + epoch)}
+            if epoch not in epoch_batches:  # the same order on resume and on every rank: seed + epoch only
+                epoch_batches = {epoch: length_grouped_batches(lengths, global_batch, config.seed + epoch)}
             window = epoch_batches[epoch][window_in_epoch * config.grad_accum:(window_in_epoch + 1) * config.grad_accum]
-            micro_batches = [pad_batch([train_ids[i] for i in indices], pad_id, [train_labels[i] for i in indices])
+            micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in rank_micro_batch(indices).items()}
                              for indices in window]
-            micro_batches = [{k: v.to(device) for k, v in batch.items()} for batch in micro_batches]
+            window_examples = sum(len(indices) for indices in window)
 
             started = time.perf_counter()
-            loss = accumulate_gradients(model, micro_batches, autocast, scaler)
+            loss = distributed.total(accumulate_gradients(trained_model, micro_batches, autocast, scaler,
+                                                          window_examples, world.size), world)
             stepped = optimizer_step(optimizer, scaler, config.max_grad_norm)
             optimizer.zero_grad(set_to_none=True)
             state["window"] += 1
             state["train_seconds"] += time.perf_counter() - started
-            state["train_examples"] += sum(len(indices) for indices in window)
+            state["train_examples"] += window_examples
             if not stepped:
                 state["skipped_steps"] += 1
                 state["skips_in_a_row"] += 1
@@ -327,7 +400,7 @@ def train(config: TrainConfig) -> dict:
             state["step"] += 1
             state["skips_in_a_row"] = 0
 
-            throughput = state["train_examples"] / state["train_seconds"]
+            throughput = state["train_examples"] / state["train_seconds"]  # all ranks' examples
             lr = scheduler.get_last_lr()[0]
             progress.update()
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{throughput:.1f}",
@@ -347,7 +420,7 @@ def train(config: TrainConfig) -> dict:
         print(f"early stop at step {state['step']}: no {config.metric} improvement "
               f"in {config.patience} evaluations")
     return _finish(output_dir, config, splits, tokenizer, model, state, trainable, total,
-                   device, precision, autocast)
+                   device, precision, autocast, world)
 
 
 def _portable_model_name(name: str) -> str:
@@ -356,14 +429,14 @@ def _portable_model_name(name: str) -> str:
 
 
 def _finish(output_dir, config, splits, tokenizer, model, state, trainable, total,
-            device, precision, autocast) -> dict:
+            device, precision, autocast, world) -> dict:
     """Restore the best adapter, evaluate it once on test, write summary, plots, misclassified."""
-    adapter_state, _ = load_adapter(output_dir)
+    adapter_state = distributed.from_main(world, lambda: load_adapter(output_dir)[0])
     load_lora_state_dict(model, {k: v.to(device) for k, v in adapter_state.items()})
     test_ids = tokenize(splits.test["text"], tokenizer, config.max_length)
     test_labels = splits.test["label"].tolist()
     test_metrics, probabilities = evaluate(model, test_ids, test_labels, 2 * config.batch_size,
-                                           tokenizer.pad_token_id, device, autocast)
+                                           tokenizer.pad_token_id, device, autocast, world)
     best_eval = next(r for r in state["records"] if r["kind"] == "eval" and r["step"] == state["best_step"])
     summary = {
         "best_step": state["best_step"], "steps": state["step"], "skipped_steps": state["skipped_steps"],
@@ -373,8 +446,11 @@ def _finish(output_dir, config, splits, tokenizer, model, state, trainable, tota
         "train_seconds": round(state["train_seconds"], 2),
         "examples_per_second": round(state["train_examples"] / max(state["train_seconds"], 1e-9), 2),
         "train_examples_seen": state["train_examples"], "test_rows": len(test_labels),
-        "device": str(device), "precision": precision, "config": dataclasses.asdict(config),
+        "device": str(device), "processes": world.size, "precision": precision,
+        "config": dataclasses.asdict(config),
     }
+    if not world.is_main:
+        return summary
     (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     report.write_jsonl(output_dir / METRICS_NAME, state["records"])
     report.plot_history(state["records"], output_dir)

@@ -33,7 +33,7 @@ SABOTAGES = [
              'optimizer.load_state_dict(checkpoint["optimizer"])', "pass",
              (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
     Sabotage("resume: skip the RNG restore", "lora/training.py",
-             'restore_rng_states(checkpoint["rng"])  #', "pass  #",
+             'restore_rng_states(checkpoint["rng"][world.rank])', "pass",
              (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
     Sabotage("resume: skip the scheduler restore", "lora/training.py",
              'scheduler.load_state_dict(checkpoint["scheduler"])', "pass",

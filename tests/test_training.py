@@ -186,7 +186,7 @@ def test_targets_are_printed_and_a_module_in_both_lists_is_refused(tiny_model_di
     base = ["--model", str(tiny_model_dir), "--data", str(toy_data_dir), "--batch-size", "16", "--max-length", "32",
             "--max-steps", "1"]
     main([*base, "--output-dir", str(tmp_path / "dense"), "--target-modules", "dense"])
-    assert "LoRA on 4 modules (dense); trained in full: classifier" in capsys.readouterr().out
+    assert "LoRA on 6 modules (dense); trained in full: classifier" in capsys.readouterr().out
     error = run_main([*base, "--output-dir", str(tmp_path / "both"), "--target-modules", "dense",
                       "--trainable-modules", "dense"], capsys)
     assert "dense is both a LoRA target and a module trained in full" in error
