@@ -43,6 +43,10 @@ def _is_under(name: str, module_names: Iterable[str]) -> bool:
     return False
 
 
+def _is_under_any(names: Iterable[str], module_name: str) -> bool:
+    return any(_is_under(name, (module_name,)) for name in names)
+
+
 def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "value"),
                 r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                 trainable_modules: Iterable[str] = ("classifier",),
@@ -94,6 +98,12 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         where += f" outside the trainable modules {list(trainable)}" if trainable else ""
         raise ValueError(f"no nn.Linear named {sorted(targets)}{where}; "
                          f"this model's Linear modules are named {linear_names}")
+
+    parameter_names = [name for name, _ in model.named_parameters()]
+    absent = [module for module in trainable if not _is_under_any(parameter_names, module)]
+    if absent:
+        raise ValueError(f"no parameter lies in the trainable module(s) {absent}; this model's top-level "
+                         f"modules are {sorted({n.split('.')[0] for n in parameter_names})}")
 
     model.requires_grad_(False)
     for name in matches:
