@@ -26,13 +26,13 @@ from . import distributed, report
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from .adapter import WEIGHTS_NAME, load_adapter, save_adapter
 from .backbone import load_classifier_model, load_tokenizer, require_hub_or_cache
-from .config import TrainConfig
 from .checkpoint import (CHECKPOINT_NAME, has_checkpoint, load_checkpoint, restore_rng_states, rng_states,
                          save_checkpoint)
+from .config import TrainConfig
 from .data import length_grouped_batches, load_splits, pad_batch, tokenize
+from .distributed import World
 from .errors import UsageError
 from .model import count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table
-from .distributed import World
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
 
 CONFIG_NAME = "train_config.json"
