@@ -7,12 +7,14 @@ Data, training and inference live in ``lora.data``, ``lora.training``, ``lora.in
 """
 from .adapter import apply_adapter, load_adapter, save_adapter
 from .layer import LoRALinear
-from .model import (count_parameters, inject_lora, layer_index, load_lora_state_dict,
-                    lora_layers, lora_settings, lora_state_dict, merge_lora, parameter_table,
-                    unmerge_lora)
+from .model import (count_parameters, dequantize_base, inject_lora, layer_index,
+                    load_lora_state_dict, lora_layers, lora_settings, lora_state_dict, merge_lora,
+                    parameter_table, quantize_base, unmerge_lora)
+from .quantize import Int8Linear, NF4Linear, QuantizedLinear
 
 __all__ = [
     "LoRALinear", "inject_lora", "merge_lora", "unmerge_lora", "lora_layers", "layer_index",
     "lora_state_dict", "load_lora_state_dict", "lora_settings", "save_adapter", "load_adapter",
     "apply_adapter", "count_parameters", "parameter_table",
+    "quantize_base", "dequantize_base", "QuantizedLinear", "Int8Linear", "NF4Linear",
 ]

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .layer import check_lora_hyperparameters
+from .quantize import SCHEMES
 
 # The validation metrics a run can select on, and whether higher is better.
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "precision_macro": True,
@@ -44,6 +45,8 @@ class TrainConfig:
     output_dir: str | None = None
     resume: bool = False
     overwrite: bool = False
+    quantize_base: str = "none"  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
+    double_quant: bool = False  # nf4 only: the block absmax values in 8 bits too
 
     def check(self) -> None:
         """Raise ``UsageError`` for impossible settings, before anything is loaded or written."""
@@ -68,6 +71,10 @@ class TrainConfig:
             raise UsageError(f"--val-size must be between 0 and 1, got {self.val_size}")
         if self.metric not in HIGHER_IS_BETTER:
             raise UsageError(f"--metric must be one of {list(HIGHER_IS_BETTER)}")
+        if self.quantize_base not in SCHEMES:
+            raise UsageError(f"--quantize-base must be one of {list(SCHEMES)}, got {self.quantize_base!r}")
+        if self.double_quant and self.quantize_base != "nf4":
+            raise UsageError("--double-quant applies to --quantize-base nf4 only")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues a run and --overwrite replaces it: pass one of them")
         try:

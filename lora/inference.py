@@ -22,7 +22,7 @@ from .adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, wri
 from .backbone import load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
-from .model import merge_lora, unmerge_lora
+from .model import merge_lora, quantize_base, unmerge_lora
 from .runtime import RUNS_DIR, batched_logits, pick_device
 
 # What a merge is checked on when the caller gives no texts: short, long, empty.
@@ -72,6 +72,10 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
             headlines); if merged predictions differ from unmerged ones (or merging would put
             NaN in a weight) the model stays unmerged and a warning says so.
 
+    The base is quantized as the adapter's config records (``quantize_base``, ``double_quant``),
+    so the adapter meets the weights it was trained against; merged, it is then a float model
+    holding ``dequantize(Wq) + scaling * B @ A`` (see ``merge_lora``).
+
     Returns:
         ``(model, tokenizer)``; ``model.adapter_config`` holds the adapter's config.
 
@@ -86,6 +90,8 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
     model = load_classifier_model(config["base_model"], config["labels"])
     try:
         apply_adapter(model, state, config)
+        if config.get("quantize_base", "none") != "none":  # the base the adapter was trained on
+            quantize_base(model, config["quantize_base"], config.get("double_quant", False))
     except (ValueError, TypeError) as error:
         raise UsageError(f"adapter {adapter_dir} does not fit base model "
                          f"{config['base_model']!r}: {error}") from None

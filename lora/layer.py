@@ -14,12 +14,21 @@ returns exactly what the pretrained layer returned.
 
 For inference ``merge()`` folds ``delta_W`` into ``W`` (one matmul per layer again,
 zero added latency); ``unmerge()`` restores the pretrained ``W`` bit for bit.
+
+The frozen layer may also be a ``QuantizedLinear`` (``lora/quantize.py``, QLoRA): the math
+is the same, ``W`` is just stored in 8 or 4 bits.
 """
+import itertools
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .quantize import QuantizedLinear
+
+# The layers LoRALinear wraps: a float Linear, or one whose frozen weight is stored quantized.
+FROZEN_LINEAR = (nn.Linear, QuantizedLinear)
 
 
 def check_lora_hyperparameters(r: int, alpha: float, dropout: float) -> None:
@@ -36,7 +45,8 @@ class LoRALinear(nn.Module):
     """``base(x) + scaling * dropout(x) @ A^T @ B^T`` around a frozen ``nn.Linear``.
 
     Args:
-        base: the pretrained layer, wrapped by composition and frozen (weight and bias).
+        base: the pretrained layer (``nn.Linear`` or ``QuantizedLinear``), wrapped by
+            composition and frozen (weight and bias).
         r: rank of the update.
         alpha: scale numerator; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
         dropout: dropout probability on the input of the LoRA branch only.
@@ -50,18 +60,18 @@ class LoRALinear(nn.Module):
     dtype of the base output before the sum.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | QuantizedLinear, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, FROZEN_LINEAR):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantizedLinear, got {type(base).__name__}")
         check_lora_hyperparameters(r, alpha, dropout)
         self.base = base.requires_grad_(False)
         self.r = r
         self.alpha = alpha
         self.rslora = rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        device = base.weight.device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
         # The same initialisation nn.Linear gives its own weight.
@@ -98,6 +108,8 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
+        if isinstance(self.base, QuantizedLinear):
+            raise TypeError("the base is quantized: merge_lora(model) dequantizes it, then merges")
         weight = self.base.weight
         merged = (weight.float() + self.delta_weight()).to(weight.dtype)
         if not torch.isfinite(merged).all():

@@ -1,14 +1,16 @@
-"""Putting LoRA into a model: inject, merge, unmerge, adapter state and parameter counts.
+"""Putting LoRA into a model: inject, quantize, merge, unmerge, adapter state and parameter counts.
 
 ``inject_lora`` swaps chosen ``nn.Linear`` modules for ``LoRALinear`` wrappers in place and
 freezes everything else but the modules that must train from scratch (the classifier head).
+``quantize_base`` then stores every frozen ``nn.Linear`` in 8 or 4 bits (QLoRA).
 """
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .layer import LoRALinear, check_lora_hyperparameters
+from .layer import FROZEN_LINEAR, LoRALinear, check_lora_hyperparameters
+from .quantize import QuantizedLinear, quantized_linear
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -87,13 +89,13 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
     wanted_layers = None if layers is None else set(layers)
     matches = [
         name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, FROZEN_LINEAR) and name.rsplit(".", 1)[-1] in targets
         and (wanted_layers is None or layer_index(name) in wanted_layers)
         and not _is_under(name, trainable)
     ]
     if not matches:
         linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                               if isinstance(module, nn.Linear)})
+                               if isinstance(module, FROZEN_LINEAR)})
         where = "" if wanted_layers is None else f" in layers {sorted(wanted_layers)}"
         where += f" outside the trainable modules {list(trainable)}" if trainable else ""
         raise ValueError(f"no nn.Linear named {sorted(targets)}{where}; "
@@ -107,17 +109,64 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
 
     model.requires_grad_(False)
     for name in matches:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout, rslora))
+        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
     for name, parameter in model.named_parameters():
         if _is_under(name, trainable):
             parameter.requires_grad_(True)
     return matches
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def quantize_base(model: nn.Module, scheme: str, double_quant: bool = False) -> list[str]:
+    """Store every frozen ``nn.Linear`` of ``model`` quantized (``"int8"`` or ``"nf4"``, see
+    ``lora/quantize.py``), in place; LoRA bases included. Call after ``inject_lora``: what
+    trains (the head, the ``trainable_modules``, LoRA A and B) is not frozen and stays float,
+    as do embeddings, LayerNorms and biases.
+
+    Returns:
+        The dotted names of the quantized layers.
+
+    Raises:
+        ValueError: an unknown scheme; LoRA updates merged into the weights (quantizing them
+        would round the adapter away with the base); no frozen ``nn.Linear`` to quantize.
+    """
+    if any(module.merged for _, module in lora_layers(model)):
+        raise ValueError("the model holds merged LoRA weights; quantizing them would round the "
+                         "adapter away: unmerge first (or quantize the base, then add the adapter)")
+    frozen = [(name, module) for name, module in model.named_modules()
+              if type(module) is nn.Linear and not module.weight.requires_grad]
+    if not frozen:
+        raise ValueError("the model has no frozen nn.Linear layer to quantize "
+                         "(quantize after inject_lora, which freezes the base)")
+    quantized = [(name, quantized_linear(module, scheme, double_quant)) for name, module in frozen]
+    for name, module in quantized:
+        _replace(model, name, module)
+    return [name for name, _ in quantized]
+
+
+def dequantize_base(model: nn.Module) -> list[str]:
+    """Replace every ``QuantizedLinear`` by a frozen float ``nn.Linear`` holding its
+    ``dequantize()``: the weights a LoRA adapter was trained against. Returns their names."""
+    names = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name in names:
+        _replace(model, name, model.get_submodule(name).to_linear())
+    return names
+
+
 def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA update into its base weight (see ``LoRALinear.merge``)."""
+    """Fold every LoRA update into its base weight (see ``LoRALinear.merge``).
+
+    On a quantized base the result is a float model: every quantized layer first becomes
+    ``dequantize(Wq)`` (``dequantize_base``), then ``scaling * B @ A`` is added. The adapter
+    was trained against ``dequantize(Wq)``, not the original float ``W``: merging into ``W``
+    would add back the quantization error ``W - dequantize(Wq)`` that training never saw.
+    ``unmerge_lora`` then restores ``dequantize(Wq)`` in float, not the packed storage.
+    """
+    dequantize_base(model)
     for _, module in lora_layers(model):
         module.merge()
 
@@ -206,7 +255,7 @@ def lora_settings(model: nn.Module) -> dict:
                         if parameter.requires_grad and name not in lora_names})
     adapted_layers = sorted({layer_index(name) for name, _ in named} - {None})
     all_layers = sorted({layer_index(name) for name, module in model.named_modules()
-                         if isinstance(module, nn.Linear)} - {None})
+                         if isinstance(module, FROZEN_LINEAR)} - {None})
     return {
         "r": first.r, "alpha": first.alpha, "dropout": dropout, "rslora": first.rslora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in named}),

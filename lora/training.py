@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from . import distributed, report
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
@@ -32,7 +31,9 @@ from .config import TrainConfig
 from .data import length_grouped_batches, load_splits, pad_batch, tokenize
 from .distributed import World
 from .errors import UsageError
-from .model import count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table
+from .model import (count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table,
+                    quantize_base)
+from .quantize import describe_quantized
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
 
 CONFIG_NAME = "train_config.json"
@@ -127,6 +128,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
             (no_decay if skip else decay).append(parameter)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                           total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate from 0 up to its peak over ``warmup_steps``, then linearly down to 0 at
+    ``total_steps`` (transformers' ``get_linear_schedule_with_warmup``, the same numbers;
+    importing that one imports peft, and with it bitsandbytes when installed)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------- one step, one evaluation
@@ -232,6 +245,8 @@ def load_job(config: TrainConfig, device: torch.device):
     try:
         wrapped = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
                               config.trainable_modules, config.layers)
+        if config.quantize_base != "none":
+            quantize_base(model, config.quantize_base, config.double_quant)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return splits, tokenizer, train_ids, val_ids, model.to(device), wrapped
@@ -285,6 +300,8 @@ def _train(config: TrainConfig, world: World) -> dict:
     print(f"data: {len(train_ids)} train, {len(val_ids)} validation, {len(splits.test)} test rows")
     print(f"LoRA on {len(wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in wrapped}))}); "
           f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}")
+    if config.quantize_base != "none":
+        print(describe_quantized(model))
     trainable, total = count_parameters(model)
     print(parameter_table(model))
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -292,7 +309,8 @@ def _train(config: TrainConfig, world: World) -> dict:
     print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
           f"{world.size} process(es) = {global_batch * config.grad_accum} examples per optimizer step")
     adapter_config = {"base_model": _portable_model_name(config.model), "labels": splits.labels,
-                      "max_length": config.max_length, "clean": config.clean}
+                      "max_length": config.max_length, "clean": config.clean,
+                      "quantize_base": config.quantize_base, "double_quant": config.double_quant}
 
     # Optimisation: AdamW, linear warm-up then linear decay, GradScaler for fp16.
     batches_per_epoch = math.ceil(len(train_ids) / global_batch)
@@ -301,7 +319,7 @@ def _train(config: TrainConfig, world: World) -> dict:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = make_optimizer(model, config)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+    scheduler = linear_warmup_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_context(precision, device)
     trained_model = distributed.wrap(model, world)  # what the loop runs forward and backward

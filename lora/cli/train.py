@@ -23,6 +23,10 @@ def parse_args(argv=None) -> TrainConfig:
                       help="Linear modules to adapt, by last name component (default: %(default)s)")
     lora.add_argument("--layers", type=int, nargs="+", default=None,
                       help="only adapt these encoder layer indices (default: all)")
+    lora.add_argument("--quantize-base", choices=["none", "int8", "nf4"], default=defaults.quantize_base,
+                      help="store the frozen base Linear weights in 8 or 4 bits (QLoRA; see README) (default: %(default)s)")
+    lora.add_argument("--double-quant", action="store_true",
+                      help="with --quantize-base nf4: store the block scales in 8 bits too (4.127 instead of 4.5 bits a weight)")
     lora.add_argument("--trainable-modules", nargs="*", default=list(defaults.trainable_modules),
                       help="modules trained in full, e.g. the new head (default: %(default)s)")
 
