@@ -134,6 +134,8 @@ def quantize_base(model: nn.Module, scheme: str, double_quant: bool = False) -> 
         ValueError: an unknown scheme; LoRA updates merged into the weights (quantizing them
         would round the adapter away with the base); no frozen ``nn.Linear`` to quantize.
     """
+    if scheme not in ("int8", "nf4"):
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose 'int8' or 'nf4'")
     if any(module.merged for _, module in lora_layers(model)):
         raise ValueError("the model holds merged LoRA weights; quantizing them would round the "
                          "adapter away: unmerge first (or quantize the base, then add the adapter)")

@@ -227,7 +227,7 @@ def quantized_linear(linear: nn.Linear, scheme: str, double_quant: bool = False)
         return Int8Linear(linear)
     if scheme == "nf4":
         return NF4Linear(linear, double_quant)
-    raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {list(SCHEMES)}")
+    raise ValueError(f"unknown quantization scheme {scheme!r}; choose 'int8' or 'nf4'")
 
 
 def bits_per_weight(scheme: str, double_quant: bool = False, in_features: int | None = None) -> float:
