@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora import inject_lora
+from lora import inject_lora, quantize_base
 from lora.backbone import load_classifier_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,13 +94,15 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class Setup:
-    """One training configuration: model shape, variant, LoRA rank/alpha and batch shape."""
+    """One training configuration: model shape, variant, LoRA rank/alpha and batch shape;
+    for ``ours``, the frozen base optionally quantized (``int8``, ``nf4``, ``nf4+dq``)."""
     model: str
     variant: str
     batch_size: int
     seq_len: int
     r: int = 10
     alpha: float = 64.0
+    quantize: str = "none"
 
 
 def build_base_model(name: str) -> nn.Module:
@@ -119,6 +121,9 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
     if setup.variant == "ours":
         inject_lora(model, TARGET_MODULES, r=setup.r, alpha=setup.alpha, dropout=LORA_DROPOUT,
                     trainable_modules=("classifier",))
+        if setup.quantize != "none":
+            scheme, _, double_quant = setup.quantize.partition("+")
+            quantize_base(model, scheme, double_quant == "dq")
     elif setup.variant == "peft":
         from peft import LoraConfig, TaskType, get_peft_model
         config = LoraConfig(r=setup.r, lora_alpha=setup.alpha, target_modules=list(TARGET_MODULES),

@@ -1,0 +1,147 @@
+"""A quantized frozen base (lora/quantize.py): float32 vs int8 vs nf4 vs nf4 + double quant.
+
+    python -m bench.quantize [--device auto|cpu|cuda] [--quick] [--repeats N] [--threads N]
+    python -m bench.quantize --accuracy [--accuracy-runs DIR]      # part 3 alone (long)
+
+1. Bytes of the quantized base weights (every frozen encoder Linear), roberta-base shape
+   (random weights) and MiniLM. Goal: nf4 <= 0.16 x float32.
+2. Peak training memory, each variant in a fresh process (the method of bench/speed.py), and
+   seconds per training step, variants interleaved; batch 16 x 128 (4 x 32 with --quick).
+   Goal: every quantized run's peak below the float32 LoRA run's.
+3. With ``--accuracy`` (its own section: four whole training runs take a while): offline test
+   accuracy of MiniLM on the bundled AG News with the demo recipe, one run per variant
+   (``--accuracy-runs DIR`` reads ``DIR/<variant>/summary.json`` of runs made with the
+   ``train.py`` commands in the table instead of training here). Goal: nf4 within 0.5 points
+   of float32.
+LoRA everywhere: r=10, alpha=64, dropout 0, on query and value, classifier head trainable.
+"""
+import json
+import time
+from pathlib import Path
+
+from bench import common
+from bench.common import Setup, markdown_table, paired_ratio_cell, ratio_cell
+from lora.quantize import QuantizedLinear
+from lora.training import TrainConfig, train
+
+LORA = dict(r=10, alpha=64.0)
+VARIANTS = {"float32": "none", "int8": "int8", "nf4": "nf4", "nf4+dq": "nf4+dq"}
+TARGET_NF4_BYTES = 0.16
+TARGET_ACCURACY_POINTS = 0.5
+# The README's demo recipe; the flags of each variant are added to it.
+DEMO = dict(model="minilm", data="bundled", clean=True, epochs=2, lr=1e-3,
+            trainable_modules=("classifier", "pooler"), eval_steps=25)
+DEMO_COMMAND = ("python train.py --model minilm --data bundled --clean --epochs 2 --lr 1e-3 "
+                "--trainable-modules classifier pooler --eval-steps 25")
+FLAGS = {"none": "", "int8": " --quantize-base int8", "nf4": " --quantize-base nf4",
+         "nf4+dq": " --quantize-base nf4 --double-quant"}
+
+
+def weights_part(models) -> str:
+    """1: bytes of the quantized layers per scheme, against float32 and float16."""
+    rows = []
+    for name in models:
+        stored = {}
+        for variant, quantize in VARIANTS.items():
+            if quantize == "none":
+                continue
+            model = common.build(Setup(name, "ours", 1, 1, quantize=quantize, **LORA))
+            layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+            stored[variant] = sum(layer.storage_bytes() for layer in layers)
+            weights = sum(layer.in_features * layer.out_features for layer in layers)
+        float32 = 4 * weights
+        rows.append([name, len(layers), f"{weights / 1e6:.2f}M", f"{float32 / 1e6:.1f}",
+                     f"{float32 / 2e6:.1f}",
+                     *(f"{stored[v] / 1e6:.1f} ({8 * stored[v] / weights:.3f} bits)" for v in stored),
+                     ratio_cell(stored["nf4"] / float32, TARGET_NF4_BYTES)])
+    return ("### 1. Stored base weights (MB = 10^6 bytes), the quantized Linear layers only\n\n"
+            + markdown_table(["model", "Linear layers", "weights", "float32 MB", "float16 MB",
+                              "int8 MB", "nf4 MB", "nf4+dq MB", "nf4 / float32"], rows))
+
+
+def training_part(models, shape, args) -> str:
+    """2: peak memory per variant in fresh processes, then interleaved step times."""
+    memory_rows, time_rows = [], []
+    for name in models:
+        setups = {variant: Setup(name, "ours", *shape, quantize=quantize, **LORA)
+                  for variant, quantize in VARIANTS.items()}
+        memory = {variant: common.measure_training_memory(setup, args.device)
+                  for variant, setup in setups.items()}
+        for variant in VARIANTS:
+            below = memory[variant]["peak"] < memory["float32"]["peak"]
+            verdict = "" if variant == "float32" else (" PASS" if below else " MISS")
+            memory_rows.append([name, variant, *(f"{memory[variant][key]:.0f}"
+                                                 for key in ("loaded", "peak", "increase")),
+                                f"{memory[variant]['peak'] / memory['float32']['peak']:.3f}{verdict}"])
+        times = common.interleaved_times(common.build_training_steps(setups, args.device),
+                                         args.device, args.repeats, args.warmup)
+        step = common.medians(times)
+        time_rows += [[name, variant, f"{step[variant]:.3f}",
+                       "" if variant == "float32" else paired_ratio_cell(times, variant, "float32")]
+                      for variant in VARIANTS]
+    return (f"### 2. Training, batch {shape[0]} x {shape[1]} tokens\n\n"
+            f"{common.memory_note(args.device)} Goal: peak below float32's (ratio < 1).\n\n"
+            + markdown_table(["model", "base", "loaded MiB", "peak MiB", "increase MiB",
+                              "peak / float32"], memory_rows)
+            + "\n\nSeconds per training step (forward, backward, AdamW step):\n\n"
+            + markdown_table(["model", "base", "s / step", "time / float32"], time_rows))
+
+
+def accuracy_part(args) -> str:
+    """3: MiniLM test accuracy per variant, trained here or read from ``--accuracy-runs``."""
+    summaries = {}
+    for variant, quantize in VARIANTS.items():
+        if args.accuracy_runs is not None:
+            path = args.accuracy_runs / variant.replace("+", "-") / "summary.json"
+            summaries[variant] = json.loads(path.read_text())
+        else:
+            scheme, _, double_quant = quantize.partition("+")
+            summaries[variant] = train(TrainConfig(**DEMO, quantize_base=scheme,
+                                                   double_quant=double_quant == "dq",
+                                                   max_steps=2 if args.quick else None,
+                                                   output_dir=str(args.runs_dir / variant.replace("+", "-")),
+                                                   overwrite=True))
+    baseline = 100 * summaries["float32"]["test"]["accuracy"]
+    rows = []
+    for variant, summary in summaries.items():
+        accuracy = 100 * summary["test"]["accuracy"]
+        gap = baseline - accuracy
+        verdict = ("" if variant == "float32" else
+                   " PASS" if gap <= TARGET_ACCURACY_POINTS else " MISS")
+        rows.append([variant, f"`{DEMO_COMMAND}{FLAGS[VARIANTS[variant]]}`", summary["steps"],
+                     f"{accuracy:.2f}", f"{-gap:+.2f}{verdict}",
+                     f"{summary['examples_per_second']:.1f}"])
+    source = (f"read from `{args.accuracy_runs}`" if args.accuracy_runs is not None
+              else "trained by this script")
+    return ("### 3. MiniLM test accuracy on the bundled AG News (7,600 test rows), demo recipe\n\n"
+            f"Runs {source}; goal for the quantized bases: within {TARGET_ACCURACY_POINTS} points "
+            "of float32 (MISS when further below).\n\n"
+            + markdown_table(["base", "command", "steps", "test accuracy %", "points vs float32",
+                              "train examples / s"], rows))
+
+
+def main(argv=None) -> None:
+    parser = common.make_parser(__doc__.splitlines()[0], repeats=3)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="part 3 only: MiniLM test accuracy per base, demo recipe (its own section)")
+    parser.add_argument("--accuracy-runs", type=Path, default=None,
+                        help="read part 3 from DIR/{float32,int8,nf4,nf4-dq}/summary.json")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-quantize"),
+                        help="where part 3 trains when --accuracy-runs is not given (default: %(default)s)")
+    args = common.parse_args(parser, argv)
+    started, load_at_start = time.perf_counter(), common.load_average()
+    if args.accuracy:
+        common.report(args, "bench/quantize.py --accuracy",
+                      "bench/quantize.py --accuracy: MiniLM test accuracy on a quantized base",
+                      "\n\n".join([accuracy_part(args), common.run_summary(started, load_at_start)]),
+                      device_line="CPU, float32; one training run per base")
+        return
+    models = ("roberta-tiny" if args.quick else "roberta-base", "minilm")
+    shape = (4, 32) if args.quick else (16, 128)
+    parts = [weights_part(models), training_part(models, shape, args)]
+    common.report(args, "bench/quantize.py", "bench/quantize.py: a quantized frozen base (QLoRA)",
+                  "\n\n".join([*parts, common.run_summary(started, load_at_start)]))
+
+
+if __name__ == "__main__":
+    main()
