@@ -52,8 +52,8 @@ def dynamic_map_8bit() -> torch.Tensor:
     """bitsandbytes' ``create_dynamic_map(signed=True)``: 256 sorted values in [-1, 1].
 
     For each decade ``10**-6 ... 10**0`` it holds the midpoints of an evenly spaced grid on
-    [0.1, 1] (2, 4, ..., 64 intervals: finer steps for larger magnitudes), with both signs;
-    then 0 and 1, padded with zeros to 256 entries.
+    [0.1, 1] times the decade (1, 2, 4, ..., 64 intervals: finer steps for larger magnitudes),
+    with both signs: 2 x 127 values; then 0 and 1.
     """
     values = []
     for exponent in range(7):
@@ -62,7 +62,6 @@ def dynamic_map_8bit() -> torch.Tensor:
         values += (10 ** (exponent - 6) * means).tolist()
         values += (-(10 ** (exponent - 6)) * means).tolist()
     values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
