@@ -18,6 +18,7 @@ from torch import nn
 
 from .layer import LoRALinear
 from .model import lora_layers, merge_lora, unmerge_lora
+from .quantize import QuantizedLinear
 
 
 @dataclass
@@ -35,8 +36,12 @@ class UpdateStats:
 
 @torch.no_grad()
 def update_stats(name: str, layer: LoRALinear) -> UpdateStats:
-    """The statistics above for one layer, in float32 (the pretrained ``W`` even when merged)."""
-    weight = (layer.weight_before_merge if layer.merged else layer.base.weight).float()
+    """The statistics above for one layer, in float32 (the pretrained ``W`` even when merged;
+    on a quantized base, ``dequantize(Wq)``: the weight the adapter was trained against)."""
+    if isinstance(layer.base, QuantizedLinear):
+        weight = layer.base.dequantize()
+    else:
+        weight = (layer.weight_before_merge if layer.merged else layer.base.weight).float()
     delta = layer.delta_weight()
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     s, u, vh = s[:layer.r], u[:, :layer.r], vh[:layer.r]

@@ -265,6 +265,20 @@ def test_merge_of_a_quantized_base_equals_the_unmerged_quantized_model(tiny_mode
     torch.testing.assert_close(model(**tokens).logits, unmerged, rtol=0, atol=1e-5)
 
 
+def test_inspection_reads_the_dequantized_base(tiny_model_dir):
+    from lora.inspection import adapter_stats, merge_gap
+    model = load_classifier_model(str(tiny_model_dir), LABELS)
+    inject_lora(model, ("query", "value"), r=4)
+    quantize_base(model, "nf4")
+    for _, layer in lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.5)
+    first = next(layer for _, layer in lora_layers(model))
+    assert adapter_stats(model)[0].weight_norm == pytest.approx(float(first.base.dequantize().norm()), rel=1e-6)
+    tokens = tiny_tokenizer()(list(toy_news(4)["text"]), padding=True, return_tensors="pt")
+    assert merge_gap(model, dict(tokens)) < 1e-5
+
+
 def test_layer_merge_on_a_quantized_base_points_to_merge_lora():
     layer = LoRALinear(NF4Linear(linear_with(random_weight())), r=2, alpha=4)
     with pytest.raises(TypeError, match="merge_lora"):
