@@ -319,7 +319,7 @@ def inject_ready_tiny_model() -> nn.Module:
 
 def test_train_rejects_quantize_base_on_a_model_without_frozen_linear(tiny_model_dir, toy_data_dir,
                                                                       tmp_path):
-    # Everything trainable: nothing frozen for the quantizer; one line, nothing written.
+    # Everything trainable: nothing frozen for the quantizer; a one-line usage error.
     config = TrainConfig(model=str(tiny_model_dir), data=str(toy_data_dir), quantize_base="nf4",
                          trainable_modules=("roberta", "classifier"), target_modules=("query",),
                          output_dir=str(tmp_path / "run"), r=2, max_steps=1)
