@@ -2,7 +2,9 @@
 memory-saving backward, training, merging, adapters, bad input, and bitsandbytes as the
 reference when it is installed."""
 import json
-import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from lora.quantize import (DYNAMIC_8BIT, NF4, bits_per_weight, describe_quantize
 from lora.training import TrainConfig, train
 
 SCHEMES = [("int8", False), ("nf4", False), ("nf4", True)]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def linear_with(weight: torch.Tensor, bias: bool = True) -> nn.Linear:
@@ -317,14 +320,17 @@ def inject_ready_tiny_model() -> nn.Module:
     return model
 
 
-def test_train_rejects_quantize_base_on_a_model_without_frozen_linear(tiny_model_dir, toy_data_dir,
-                                                                      tmp_path):
-    # Everything trainable: nothing frozen for the quantizer; a one-line usage error.
-    config = TrainConfig(model=str(tiny_model_dir), data=str(toy_data_dir), quantize_base="nf4",
-                         trainable_modules=("roberta", "classifier"), target_modules=("query",),
-                         output_dir=str(tmp_path / "run"), r=2, max_steps=1)
-    with pytest.raises(UsageError, match="no frozen nn.Linear layer to quantize"):
-        train(config)
+def test_command_line_quantize_errors_are_one_line_and_exit_2(tmp_path):
+    for flags, message in [(["--quantize-base", "int8", "--double-quant"],
+                            "error: --double-quant applies to --quantize-base nf4 only"),
+                           (["--double-quant"], "error: --double-quant applies to --quantize-base nf4 only")]:
+        result = subprocess.run([sys.executable, str(REPO / "train.py"), *flags,
+                                 "--output-dir", str(tmp_path / "run")],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert (result.returncode, result.stderr.strip()) == (2, message)
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--quantize-base", "nf5"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "invalid choice: 'nf5'" in result.stderr
 
 
 # ----------------------------------------------------------------------------- train -> predict
