@@ -44,6 +44,7 @@ class TrainConfig:
     output_dir: str | None = None
     resume: bool = False
     overwrite: bool = False
+    evaluate_test: bool = True  # False: stop after training (search.py ranks trials on validation)
 
     def check(self) -> None:
         """Raise ``UsageError`` for impossible settings, before anything is loaded or written."""
