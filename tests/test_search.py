@@ -225,3 +225,21 @@ def test_a_storage_that_is_not_a_database_or_holds_another_search_is_refused(
                                    *train_flags(tiny_model_dir, toy_data_dir)])
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_postgresql_study(tiny_model_dir, toy_data_dir, tmp_path):
+    """The storage several machines share; skipped without pgserver (requirements-dev.txt)."""
+    pgserver = pytest.importorskip("pgserver")
+    pytest.importorskip("psycopg2")
+    server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    try:
+        url = server.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1)
+        search_dir = tmp_path / "search"
+        main(["--trials", "1", "--storage", url, "--search-dir", str(search_dir), "--",
+              *train_flags(tiny_model_dir, toy_data_dir)])
+        (trial,) = optuna.load_study(study_name="lora", storage=url).trials
+    finally:
+        server.cleanup()
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["trainable_parameters"] == json.loads(
+        (search_dir / "trial-0" / "summary.json").read_text())["trainable_parameters"]
+    assert not (search_dir / "study.db").exists()
