@@ -90,18 +90,20 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage (SQLite, PostgreSQL, MySQL...). Heartbeats let any worker mark a
     trial whose process died (killed, machine lost) as failed instead of running forever."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(3):
+    for attempt in range(4):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                                   heartbeat_interval=60, grace_period=180)
-        except sqlalchemy.exc.IntegrityError:  # another worker created the tables at the same moment
-            time.sleep(1 + attempt)
         except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--storage {url}: not a database Optuna can use ({reason})") from None
-    raise UsageError(f"--storage {url}: its tables could not be created")
+            # Workers started together on a fresh database race to create its tables: the
+            # losers see "already exists" or a duplicate key, and find the tables made next time.
+            racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
+            if not racing or attempt == 3:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UsageError(f"--storage {url}: not a database Optuna can use ({reason})") from None
+            time.sleep(1 + attempt)
 
 
 def open_study(storage, name: str, definition: dict, direction: str) -> optuna.Study:
