@@ -94,6 +94,13 @@ def load_tokenizer(name: str):
     return _load(AutoTokenizer.from_pretrained, name)
 
 
+def load_model_config(name: str, labels: list[str]):
+    """The ``AutoConfig`` of model ``name`` for a head over ``labels``: shapes, no weights."""
+    from transformers import AutoConfig
+    return _load(AutoConfig.from_pretrained, name, num_labels=len(labels),
+                 id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+
+
 def load_classifier_model(name: str, labels: list[str]):
     """``AutoModelForSequenceClassification`` for ``name`` with a fresh head over ``labels``."""
     from transformers import AutoModelForSequenceClassification

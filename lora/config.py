@@ -47,6 +47,7 @@ class TrainConfig:
     overwrite: bool = False
     quantize_base: str = "none"  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
     double_quant: bool = False  # nf4 only: the block absmax values in 8 bits too
+    evaluate_test: bool = True  # False: stop after training (search.py ranks trials on validation)
 
     def check(self) -> None:
         """Raise ``UsageError`` for impossible settings, before anything is loaded or written."""

@@ -31,6 +31,29 @@ def layer_index(module_name: str) -> int | None:
     return None
 
 
+def path_in_layer(module_name: str) -> str | None:
+    """A module's dotted path inside its encoder layer: what follows the layer index.
+
+    ``"roberta.encoder.layer.3.attention.output.dense"`` -> ``"attention.output.dense"``;
+    ``"roberta.encoder.layer.3.output.dense"`` -> ``"output.dense"``; ``"classifier.dense"`` -> None.
+    """
+    parts = module_name.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[position + 1:])
+    return None
+
+
+def is_target(module_name: str, targets: Iterable[str]) -> bool:
+    """Does a target name ``module_name``? A plain target (``"query"``) matches the last name
+    component; a dotted one (``"attention.output.dense"``) matches the whole path inside an
+    encoder layer, which tells apart the three ``dense`` layers of BERT and RoBERTa:
+    ``attention.output.dense``, ``intermediate.dense`` and ``output.dense`` (the FFN's second).
+    """
+    return any(module_name.rsplit(".", 1)[-1] == target if "." not in target
+               else path_in_layer(module_name) == target for target in targets)
+
+
 def _is_under(name: str, module_names: Iterable[str]) -> bool:
     """True when the dotted ``name`` lies under a module named in ``module_names``.
 
@@ -57,7 +80,8 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
 
     Which modules are wrapped (a rule you can predict from the arguments alone):
 
-    - an ``nn.Linear`` whose last name component is in ``target_modules``,
+    - an ``nn.Linear`` that a target names (``is_target``: its last name component, or for a
+      dotted target its path inside an encoder layer, e.g. ``attention.output.dense``),
     - inside the encoder layers ``layers`` when given,
     - never inside a module that trains in full (``trainable_modules``): with the default
       ``("classifier",)``, the target ``dense`` wraps the encoder's ``dense`` layers and not
@@ -66,7 +90,8 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
 
     Args:
         model: any ``nn.Module``; changed in place.
-        target_modules: last name components to adapt (RoBERTa: ``query``, ``key``, ``value``).
+        target_modules: names to adapt (see ``is_target``): last name components (RoBERTa:
+            ``query``, ``key``, ``value``) or paths inside an encoder layer (``intermediate.dense``).
         r, alpha, dropout, rslora: passed to every ``LoRALinear``.
         trainable_modules: modules that stay fully trainable (the new classification head).
         layers: only adapt modules inside these encoder layer indices (None: all layers).
@@ -89,7 +114,7 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
     wanted_layers = None if layers is None else set(layers)
     matches = [
         name for name, module in model.named_modules()
-        if isinstance(module, FROZEN_LINEAR) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, FROZEN_LINEAR) and is_target(name, targets)
         and (wanted_layers is None or layer_index(name) in wanted_layers)
         and not _is_under(name, trainable)
     ]
@@ -238,6 +263,20 @@ def _trainable_owner(name: str, frozen: list[str]) -> str:
                 if not any(f == prefix or f.startswith(prefix + ".") for f in frozen))
 
 
+def _target_names(model: nn.Module, adapted: list[str], layers: list[int] | None,
+                  trainable: list[str]) -> list[str]:
+    """The shortest targets that select exactly ``adapted``: a module's last name component
+    when every Linear that ``inject_lora`` could wrap (in ``layers``, outside the ``trainable``
+    modules) with that name is adapted, else its path in the layer."""
+    others = {name for name, module in model.named_modules()
+              if isinstance(module, (*FROZEN_LINEAR, LoRALinear)) and name not in adapted
+              and not any(name.startswith(a + ".") for a in adapted)
+              and (layers is None or layer_index(name) in layers) and not _is_under(name, trainable)}
+    other_last_names = {name.rsplit(".", 1)[-1] for name in others}
+    return sorted({name.rsplit(".", 1)[-1] if name.rsplit(".", 1)[-1] not in other_last_names
+                   else path_in_layer(name) for name in adapted})
+
+
 def lora_settings(model: nn.Module) -> dict:
     """The settings ``inject_lora`` was called with, read back from the model.
 
@@ -258,10 +297,11 @@ def lora_settings(model: nn.Module) -> dict:
     adapted_layers = sorted({layer_index(name) for name, _ in named} - {None})
     all_layers = sorted({layer_index(name) for name, module in model.named_modules()
                          if isinstance(module, FROZEN_LINEAR)} - {None})
+    layers = None if adapted_layers == all_layers else adapted_layers
     return {
         "r": first.r, "alpha": first.alpha, "dropout": dropout, "rslora": first.rslora,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in named}),
-        "layers": None if adapted_layers == all_layers else adapted_layers,
+        "target_modules": _target_names(model, [name for name, _ in named], layers, trainable),
+        "layers": layers,
         "trainable_modules": trainable,
     }
 

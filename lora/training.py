@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -252,8 +253,11 @@ def load_job(config: TrainConfig, device: torch.device):
     return splits, tokenizer, train_ids, val_ids, model.to(device), wrapped
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
     """Run the whole job; returns the summary that is also written to ``summary.json``.
+
+    ``on_evaluation(step, metrics)`` is called after each validation evaluation (and its
+    checkpoint); an exception it raises (``optuna.TrialPruned``) ends the run and propagates.
 
     Under ``torchrun`` every process runs this with the same config: one model trained with
     data parallelism (see ``lora/distributed.py``); rank 0 prints and writes the files.
@@ -262,7 +266,7 @@ def train(config: TrainConfig) -> dict:
     world = distributed.start(pick_device(config.device))
     try:
         with distributed.quiet_unless_main(world):
-            return _train(config, world)
+            return _train(config, world, on_evaluation)
     finally:
         distributed.stop(world)
 
@@ -275,7 +279,7 @@ def _open_run(config: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
     return output_dir, resumed_config(config, output_dir), load_checkpoint(output_dir)
 
 
-def _train(config: TrainConfig, world: World) -> dict:
+def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
     device = world.device
     output_dir, config, checkpoint = distributed.from_main(world, lambda: _open_run(config))
     if checkpoint and checkpoint["world_size"] != world.size:
@@ -433,6 +437,8 @@ def _train(config: TrainConfig, world: World) -> dict:
             if state["step"] % config.eval_steps == 0 or state["step"] == total_steps:
                 evaluate_and_keep_best()
                 checkpoint_now()
+                if on_evaluation is not None:
+                    on_evaluation(state["step"], state["records"][-1])
     progress.close()
     if state["stopped_early"]:
         print(f"early stop at step {state['step']}: no {config.metric} improvement "
@@ -451,10 +457,12 @@ def _finish(output_dir, config, splits, tokenizer, model, state, trainable, tota
     """Restore the best adapter, evaluate it once on test, write summary, plots, misclassified."""
     adapter_state = distributed.from_main(world, lambda: load_adapter(output_dir)[0])
     load_lora_state_dict(model, {k: v.to(device) for k, v in adapter_state.items()})
-    test_ids = tokenize(splits.test["text"], tokenizer, config.max_length)
-    test_labels = splits.test["label"].tolist()
-    test_metrics, probabilities = evaluate(model, test_ids, test_labels, 2 * config.batch_size,
-                                           tokenizer.pad_token_id, device, autocast, world)
+    test_metrics, test_labels = None, []
+    if config.evaluate_test:
+        test_ids = tokenize(splits.test["text"], tokenizer, config.max_length)
+        test_labels = splits.test["label"].tolist()
+        test_metrics, probabilities = evaluate(model, test_ids, test_labels, 2 * config.batch_size,
+                                               tokenizer.pad_token_id, device, autocast, world)
     best_eval = next(r for r in state["records"] if r["kind"] == "eval" and r["step"] == state["best_step"])
     summary = {
         "best_step": state["best_step"], "steps": state["step"], "skipped_steps": state["skipped_steps"],
@@ -472,6 +480,8 @@ def _finish(output_dir, config, splits, tokenizer, model, state, trainable, tota
     (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     report.write_jsonl(output_dir / METRICS_NAME, state["records"])
     report.plot_history(state["records"], output_dir)
+    if not config.evaluate_test:
+        return summary
     probabilities = probabilities.numpy()
     report.plot_test_errors(test_labels, probabilities.argmax(axis=1), splits.labels, output_dir)
     report.misclassified_table(splits.test["text"].tolist(), test_labels, probabilities,

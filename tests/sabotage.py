@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LOOP = "tests/test_loop.py::"
+SEARCH = "tests/test_search.py::"
 
 
 @dataclass
@@ -86,6 +87,30 @@ SABOTAGES = [
              "return (self.lora_B.float() @ self.lora_A.float()) * self.scaling",
              "return self.lora_B.float() @ self.lora_A.float()",
              ("tests/test_layer.py::test_merge_then_unmerge_float32",)),
+    Sabotage("targets: dotted targets match the last name only", "lora/model.py",
+             "else path_in_layer(module_name) == target", 'else module_name.rsplit(".", 1)[-1] == target.rsplit(".", 1)[-1]',
+             ("tests/test_model.py::test_dotted_targets_tell_the_three_dense_layers_apart_and_read_back",)),
+    Sabotage("search: per-rank count forgets the output width", "lora/search_space.py",
+             "per_rank = sum(m.base.in_features + m.base.out_features", "per_rank = sum(m.base.in_features",
+             (SEARCH + "test_counts_from_shapes_equal_count_parameters_of_the_built_model",)),
+    Sabotage("search: rank not bounded by the budget", "lora/search_space.py",
+             "return min(MAX_RANK, (self.max_params - fixed) // per_rank)", "return MAX_RANK",
+             (SEARCH + "test_the_rank_is_bounded_by_what_the_budget_leaves_and_misfits_are_over_budget",)),
+    Sabotage("search: abbreviated flags do not fix their setting", "lora/cli/search.py",
+             "else [f for flag, f in flags.items() if flag.startswith(name)]", "else []",
+             (SEARCH + "test_flags_on_the_command_line_fix_their_settings",)),
+    Sabotage("search: evaluations not reported to the pruner", "lora/training.py",
+             'on_evaluation(state["step"], state["records"][-1])', "pass",
+             (SEARCH + "test_pruning_stops_a_trial_that_is_made_to_be_bad",)),
+    Sabotage("search: a failed trial counts towards --trials", "lora/search_report.py",
+             'outcome(t) in ("complete", "pruned")', 'outcome(t) in ("complete", "pruned", "failed")',
+             (SEARCH + "test_search_under_a_budget_survives_ctrl_c_and_writes_its_results",)),
+    Sabotage("search: each worker its own SQLite file", "lora/cli/search.py",
+             "(directory / 'study.db')", "(directory / f'study-{os.getpid()}.db')",
+             (SEARCH + "test_two_processes_share_one_sqlite_study",)),
+    Sabotage("search: a study of another search is reused", "lora/cli/search.py",
+             "    elif stored != definition:", "    elif False:",
+             (SEARCH + "test_a_storage_that_is_not_a_database_or_holds_another_search_is_refused",)),
 ]
 
 

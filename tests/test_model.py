@@ -373,3 +373,19 @@ def test_an_adapter_never_holds_a_base_weight():
     model.roberta.encoder.layer[0].attention.self.query.base.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="trains inside a LoRA layer"):
         lora_state_dict(model)
+
+
+def test_dotted_targets_tell_the_three_dense_layers_apart_and_read_back():
+    model = tiny_model(0)
+    names = inject_lora(model, ("attention.output.dense", "output.dense"), r=2, alpha=4)
+    assert names == [f"roberta.encoder.layer.{i}.{path}" for i in (0, 1)
+                     for path in ("attention.output.dense", "output.dense")]
+    assert isinstance(model.roberta.encoder.layer[0].intermediate.dense, nn.Linear)
+    assert isinstance(model.classifier.dense, nn.Linear)
+    settings = lora_settings(model)
+    assert settings["target_modules"] == ["attention.output.dense", "output.dense"]
+    again = tiny_model(0)
+    assert inject_lora(again, settings["target_modules"], r=2, alpha=4) == names
+    ffn = tiny_model(0)
+    inject_lora(ffn, ("intermediate.dense", "output.dense", "query"), r=2, alpha=4)
+    assert lora_settings(ffn)["target_modules"] == ["intermediate.dense", "output.dense", "query"]

@@ -1,0 +1,187 @@
+"""What ``search.py`` searches: where LoRA goes and how it trains, under a budget of trainable
+parameters.
+
+``suggest`` is the whole space, in the order it is sampled: target modules, layers and the
+pooler first, then the rank, bounded by what the budget leaves, then the optimisation settings.
+A setting given as a train.py flag is fixed and not searched. The trainable count of every
+configuration is exact and known before anything trains: LoRA is injected into the model
+built on the meta device (shapes only, no weights), and counted with ``count_parameters``.
+"""
+import dataclasses
+from dataclasses import dataclass
+from functools import cache
+from itertools import product
+
+import optuna
+import torch
+
+from .backbone import load_model_config
+from .errors import UsageError
+from .model import count_parameters, inject_lora, lora_layers
+from .config import TrainConfig
+
+# Where LoRA goes. Dotted names are paths inside an encoder layer (see lora.model.is_target):
+# BERT and RoBERTa call the attention output, and the FFN's two layers, all "dense".
+TARGETS = {
+    "qv": ("query", "value"),
+    "qkv": ("query", "key", "value"),
+    "qkvo": ("query", "key", "value", "attention.output.dense"),
+    "ffn": ("intermediate.dense", "output.dense"),
+    "qv_ffn": ("query", "value", "intermediate.dense", "output.dense"),
+    "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+LAYERS = ("all", "top_half", "bottom_half")
+MAX_RANK = 64
+BATCH_SIZES = (16, 32)
+GRAD_ACCUMS = (1, 2, 4)
+
+# The TrainConfig fields the search sets; one given as a train.py flag is fixed instead.
+# ``trainable_modules`` is the pooler switch (searched only when the model has a pooler).
+SEARCHABLE = ("target_modules", "layers", "trainable_modules", "r", "alpha", "dropout",
+              "lr", "weight_decay", "batch_size", "grad_accum")
+
+
+class OverBudget(Exception):
+    """A configuration with more trainable parameters than the budget; ``count`` says how many."""
+
+    def __init__(self, count: int, budget: int):
+        super().__init__(f"{count:,} trainable parameters, over the budget of {budget:,}")
+        self.count = count
+
+
+def layer_indices(choice: str, num_layers: int) -> tuple[int, ...] | None:
+    """``"all"`` -> None (every layer); ``"top_half"`` / ``"bottom_half"`` -> the indices."""
+    half = num_layers // 2
+    return {"all": None, "top_half": tuple(range(half, num_layers)),
+            "bottom_half": tuple(range(half))}[choice]
+
+
+class ParameterCounter:
+    """Exact trainable counts of LoRA configurations of one model, from its shapes alone."""
+
+    def __init__(self, model_name: str, labels: list[str]):
+        self.model_config = load_model_config(model_name, labels)
+        self.num_layers = self.model_config.num_hidden_layers
+        self.has_pooler = any(name.rsplit(".", 1)[-1] == "pooler"
+                              for name, _ in self._meta_model().named_modules())
+
+    def _meta_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(self.model_config)
+
+    @cache
+    def cost(self, targets: tuple[str, ...], layers: tuple[int, ...] | None,
+             trainable_modules: tuple[str, ...]) -> tuple[int, int]:
+        """``(fixed, per_rank)``: the trainable count at rank r is ``fixed + r * per_rank``,
+        where ``per_rank`` sums ``in + out`` over the adapted layers and ``fixed`` counts the
+        fully trained modules. Raises ``ValueError`` when the targets match nothing."""
+        model = self._meta_model()
+        inject_lora(model, targets, 1, 1.0, 0.0, trainable_modules, layers)
+        trainable, _ = count_parameters(model)
+        per_rank = sum(m.base.in_features + m.base.out_features for _, m in lora_layers(model))
+        return trainable - per_rank, per_rank
+
+
+@dataclass
+class SearchSpace:
+    """The choices left to search once the fixed flags and the budget have had their say."""
+    base: TrainConfig
+    searched: frozenset[str]
+    counter: ParameterCounter
+    max_params: int | None
+    targets: tuple[str, ...]    # keys of TARGETS that fit
+    layers: tuple[str, ...]     # LAYERS that fit
+    pooler: tuple[bool, ...]    # whether the pooler trains
+
+    def max_rank(self, fixed: int, per_rank: int) -> int:
+        """The largest rank (at most MAX_RANK) that keeps ``fixed + r * per_rank`` in the budget."""
+        if self.max_params is None:
+            return MAX_RANK
+        return min(MAX_RANK, (self.max_params - fixed) // per_rank)
+
+
+def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter,
+                max_params: int | None) -> SearchSpace:
+    """The search space for ``base`` with the ``fixed`` fields held; choices of targets, layers
+    and pooler that cannot fit the budget at the smallest rank are left out.
+
+    Raises ``UsageError`` when nothing is left to search or no configuration fits.
+    """
+    searched = frozenset(SEARCHABLE) - fixed - (set() if counter.has_pooler else {"trainable_modules"})
+    if not searched:
+        raise UsageError("every searched setting is fixed by a train.py flag: nothing to search "
+                         f"(drop one of the flags for {', '.join(SEARCHABLE)})")
+    targets = list(TARGETS) if "target_modules" in searched else [None]
+    layers = [c for c in LAYERS if layer_indices(c, counter.num_layers) != ()] if "layers" in searched else [None]
+    pooler = [False, True] if "trainable_modules" in searched else [None]
+    smallest_rank = 1 if "r" in searched else base.r
+    fits, smallest = [], None
+    for combination in product(targets, layers, pooler):
+        try:
+            fixed_cost, per_rank = counter.cost(*where_lora_goes(base, counter, *combination))
+        except ValueError:  # these targets name no layer of this model
+            continue
+        count = fixed_cost + smallest_rank * per_rank
+        smallest = count if smallest is None else min(smallest, count)
+        if max_params is None or count <= max_params:
+            fits.append(combination)
+    if smallest is None:
+        raise UsageError(f"none of the searched target modules {sorted(TARGETS)} names a layer of "
+                         f"{base.model}; fix them with --target-modules")
+    if not fits:
+        raise UsageError(f"no configuration fits --max-params {max_params:,}: the smallest has "
+                         f"{smallest:,} trainable parameters")
+    return SearchSpace(base, searched, counter, max_params,
+                       targets=tuple(dict.fromkeys(t for t, _, _ in fits)),
+                       layers=tuple(dict.fromkeys(l for _, l, _ in fits)),
+                       pooler=tuple(dict.fromkeys(p for _, _, p in fits)))
+
+
+def where_lora_goes(base: TrainConfig, counter: ParameterCounter, targets: str | None,
+                    layers: str | None, pooler: bool | None):
+    """``(target_modules, layers, trainable_modules)`` for a choice of each (None: fixed)."""
+    trainable = base.trainable_modules
+    if pooler is not None:
+        trainable = tuple(m for m in trainable if m != "pooler") + (("pooler",) if pooler else ())
+    return (base.target_modules if targets is None else TARGETS[targets],
+            base.layers if layers is None else layer_indices(layers, counter.num_layers),
+            trainable)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
+    """The trial's configuration and its exact trainable count. The whole space is here.
+
+    Raises ``OverBudget`` (before the rank is drawn) when even the smallest rank of the drawn
+    targets, layers and pooler is over the budget.
+    """
+    searched, base = space.searched, space.base
+
+    def pick(field: str, sample):
+        """A drawn value, or the flag's value when ``field`` is fixed."""
+        return sample() if field in searched else getattr(base, field)
+
+    def choose(field: str, name: str, choices: tuple):
+        return trial.suggest_categorical(name, choices) if field in searched else None
+
+    # Where LoRA goes, then the largest rank the budget leaves for it.
+    target_modules, layers, trainable_modules = where_lora_goes(
+        base, space.counter, choose("target_modules", "target_modules", space.targets),
+        choose("layers", "layers", space.layers), choose("trainable_modules", "train_pooler", space.pooler))
+    fixed, per_rank = space.counter.cost(target_modules, layers, trainable_modules)
+    smallest = fixed + (1 if "r" in searched else base.r) * per_rank
+    if space.max_params is not None and smallest > space.max_params:
+        raise OverBudget(smallest, space.max_params)
+    r = pick("r", lambda: trial.suggest_int("r", 1, space.max_rank(fixed, per_rank), log=True))
+    alpha = pick("alpha", lambda: r * trial.suggest_float("alpha_over_r", 0.5, 8.0, log=True))
+
+    # How it trains.
+    config = dataclasses.replace(
+        base, target_modules=target_modules, layers=layers, trainable_modules=trainable_modules,
+        r=r, alpha=alpha,
+        dropout=pick("dropout", lambda: trial.suggest_float("dropout", 0.0, 0.3)),
+        lr=pick("lr", lambda: trial.suggest_float("lr", 5e-5, 5e-3, log=True)),
+        weight_decay=pick("weight_decay", lambda: trial.suggest_float("weight_decay", 0.0, 0.1)),
+        batch_size=pick("batch_size", lambda: trial.suggest_categorical("batch_size", BATCH_SIZES)),
+        grad_accum=pick("grad_accum", lambda: trial.suggest_categorical("grad_accum", GRAD_ACCUMS)))
+    return config, fixed + r * per_rank
