@@ -33,6 +33,7 @@ from .data import length_grouped_batches, load_splits, pad_batch, tokenize
 from .distributed import World
 from .errors import UsageError
 from .model import count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table
+from .provenance import provenance
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
 
 CONFIG_NAME = "train_config.json"
@@ -292,7 +293,7 @@ def _train(config: TrainConfig, world: World) -> dict:
     print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
           f"{world.size} process(es) = {global_batch * config.grad_accum} examples per optimizer step")
     adapter_config = {"base_model": _portable_model_name(config.model), "labels": splits.labels,
-                      "max_length": config.max_length, "clean": config.clean}
+                      "max_length": config.max_length, "clean": config.clean, "provenance": provenance()}
 
     # Optimisation: AdamW, linear warm-up then linear decay, GradScaler for fp16.
     batches_per_epoch = math.ceil(len(train_ids) / global_batch)
@@ -447,7 +448,7 @@ def _finish(output_dir, config, splits, tokenizer, model, state, trainable, tota
         "examples_per_second": round(state["train_examples"] / max(state["train_seconds"], 1e-9), 2),
         "train_examples_seen": state["train_examples"], "test_rows": len(test_labels),
         "device": str(device), "processes": world.size, "precision": precision,
-        "config": dataclasses.asdict(config),
+        "config": dataclasses.asdict(config), "provenance": provenance(),
     }
     if not world.is_main:
         return summary
