@@ -32,9 +32,11 @@ def git_state(root: Path = SOURCE_ROOT) -> dict:
 
 
 def provenance() -> dict:
-    """The versions and commit that produced a run, as recorded next to its results."""
+    """The versions and commit that produced a run, as recorded next to its results. Plain
+    strings only (``torch.__version__`` is a ``TorchVersion``, which ``torch.load`` with
+    ``weights_only=True`` refuses), so anything holding them stays loadable."""
     return {"lora_version": __version__, **git_state(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+            "torch": str(torch.__version__), "transformers": str(transformers.__version__)}
 
 
 def version_warning(adapter_config: dict) -> str | None:

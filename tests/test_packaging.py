@@ -202,9 +202,10 @@ def trained_run(tiny_model_dir, toy_data_dir, tmp_path_factory) -> Path:
 
 
 def test_every_run_records_version_commit_torch_and_transformers(trained_run):
-    expected = {"lora_version": lora.__version__, **git_state(), "torch": torch.__version__,
+    expected = {"lora_version": lora.__version__, **git_state(), "torch": str(torch.__version__),
                 "transformers": transformers.__version__}
     assert provenance() == expected
+    assert all(type(value) in (str, bool) for value in provenance().values())  # safe for torch.load
     for name in ("summary.json", "adapter_config.json"):
         assert json.loads((trained_run / name).read_text())["provenance"] == expected, name
 
