@@ -5,6 +5,8 @@
 ``layer.py`` holds the math, ``model.py`` puts it into a model, ``adapter.py`` saves it.
 Data, training and inference live in ``lora.data``, ``lora.training``, ``lora.inference``.
 """
+__version__ = "0.3.0"  # the one place it is written: pyproject.toml reads it from here
+
 from .adapter import apply_adapter, load_adapter, save_adapter
 from .layer import LoRALinear
 from .model import (count_parameters, dequantize_base, inject_lora, layer_index,

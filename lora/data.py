@@ -19,7 +19,7 @@ from .backbone import OFFLINE_HINT
 from .errors import UsageError
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "ag_news"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "ag_news"  # package data: found after any install
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle", ".txt")
 
 
@@ -214,7 +214,7 @@ def _stratified_split(frame: pd.DataFrame, fraction: float, seed: int, source):
 
 def load_splits(source: str, val_size: float = 0.05, seed: int = 42, clean: bool = False) -> Splits:
     """Train / validation / test for ``source``: ``ag_news`` (the hub), ``bundled`` (the copy
-    in ``data/ag_news``) or a local path. Validation is carved from train, stratified and seeded.
+    in ``lora/bundled/ag_news``) or a local path. Validation is carved from train, stratified and seeded.
     With ``clean`` every split is cleaned and extreme lengths are dropped from train only."""
     if not 0 < val_size < 1:
         raise UsageError(f"--val-size must be between 0 and 1, got {val_size}")

@@ -23,6 +23,7 @@ from .backbone import load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
 from .model import merge_lora, quantize_base, unmerge_lora
+from .provenance import version_warning
 from .runtime import RUNS_DIR, batched_logits, pick_device
 
 # What a merge is checked on when the caller gives no texts: short, long, empty.
@@ -85,6 +86,8 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
     """
     adapter_dir = Path(adapter_dir)
     state, config = _read_adapter(adapter_dir)
+    if warning := version_warning(config):
+        warnings.warn(warning, stacklevel=2)
     device = pick_device(device)
     tokenizer = load_tokenizer(config["base_model"])
     model = load_classifier_model(config["base_model"], config["labels"])

@@ -35,6 +35,7 @@ from .errors import UsageError
 from .model import (count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table,
                     quantize_base)
 from .quantize import describe_quantized
+from .provenance import provenance
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
 
 CONFIG_NAME = "train_config.json"
@@ -313,7 +314,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
     print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
           f"{world.size} process(es) = {global_batch * config.grad_accum} examples per optimizer step")
     adapter_config = {"base_model": _portable_model_name(config.model), "labels": splits.labels,
-                      "max_length": config.max_length, "clean": config.clean,
+                      "max_length": config.max_length, "clean": config.clean, "provenance": provenance(),
                       "quantize_base": config.quantize_base, "double_quant": config.double_quant}
 
     # Optimisation: AdamW, linear warm-up then linear decay, GradScaler for fp16.
@@ -473,7 +474,7 @@ def _finish(output_dir, config, splits, tokenizer, model, state, trainable, tota
         "examples_per_second": round(state["train_examples"] / max(state["train_seconds"], 1e-9), 2),
         "train_examples_seen": state["train_examples"], "test_rows": len(test_labels),
         "device": str(device), "processes": world.size, "precision": precision,
-        "config": dataclasses.asdict(config),
+        "config": dataclasses.asdict(config), "provenance": provenance(),
     }
     if not world.is_main:
         return summary

