@@ -308,6 +308,7 @@ def test_dora_pissa_lora_plus_train_predict_and_inspect(tiny_model_dir, toy_data
     assert summary["trainable_parameters"] == 4 * (4 * (32 + 32) + 32) + (32 * 32 + 32) + (32 * 4 + 4)
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["dora"], config["r"], config["alpha"]) == (True, 8, 16.0)
+    assert config["trainable_modules"] == ["classifier"]  # m is part of the LoRA layers, not a module
     model, tokenizer = load_classifier(out, device="cpu")  # merged
     assert all(layer.merged for _, layer in lora_layers(model))
     import pandas as pd
