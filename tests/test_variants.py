@@ -25,6 +25,7 @@ from lora.cli.train import parse_args
 from lora.errors import UsageError
 from lora.inference import load_classifier, predict_proba
 from lora.inspection import update_stats
+import lora.training as training
 from lora.training import TrainConfig, make_optimizer, train
 
 TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
@@ -329,3 +330,26 @@ def test_inspection_reports_the_magnitude_change():
         layer.lora_magnitude.mul_(1.1)
     assert update_stats("q", layer).magnitude_change == pytest.approx(0.1, rel=1e-5)
     assert update_stats("q", LoRALinear(nn.Linear(12, 10), r=4, alpha=8.0)).magnitude_change is None
+
+
+def test_a_dora_pissa_lora_plus_run_resumes_bit_for_bit(tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch):
+    """Checkpoints hold PiSSA's adapter in its saved rank-2r form: resuming converts it back exactly."""
+    from test_loop import assert_same_run, config_for
+    variant = dict(dora=True, init="pissa", lora_plus_ratio=4.0, metric="loss", max_steps=6)
+    straight = tmp_path / "straight"
+    train(config_for(tiny_model_dir, noisy_data_dir, straight, **variant))
+    real, calls = training.accumulate_gradients, {"n": 0}
+
+    def crashing(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # mid-step 5: back to the checkpoint of step 3
+        return real(*args)
+
+    monkeypatch.setattr(training, "accumulate_gradients", crashing)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(config_for(tiny_model_dir, noisy_data_dir, resumed, **variant))
+    monkeypatch.setattr(training, "accumulate_gradients", real)
+    train(TrainConfig(output_dir=str(resumed), resume=True))
+    assert_same_run(resumed, straight)
