@@ -148,8 +148,9 @@ def main(argv=None) -> None:
         f"- Recipe: `python train.py {' '.join(RECIPE)} --epochs {args.epochs} --seed SEED` plus the "
         "variant's flag (`--lora-plus-ratio 16`, `--dora`, `--init pissa`, `--rslora`); r=10, "
         "alpha=64, dropout 0.1 on query and value; every variant makes the same optimizer steps. "
-        f"Seeds {' '.join(map(str, args.seeds))}; test: the official 7,600-row split, once per run, "
-        "with the best adapter on validation.",
+        f"Seeds asked for: {' '.join(map(str, args.seeds))}; the `seeds` column says how many of them "
+        "each variant has a finished run for. Test: the official 7,600-row split, once per run, with "
+        "the best adapter on validation.",
         f"- Step time in the runs: `train_seconds / steps` from each run's summary.json (the runs "
         "ran one after another on a shared machine: indicative only). The ratio columns come from "
         f"part 2, interleaved: one micro-batch of {BATCH} x {TOKENS} tokens (forward, backward, AdamW "
