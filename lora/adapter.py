@@ -1,6 +1,6 @@
 """An adapter on disk: ``adapter.safetensors`` (tensors, never pickle) + ``adapter_config.json``.
 
-The config holds the LoRA settings read back from the model (r, alpha, dropout, rslora,
+The config holds the LoRA settings read back from the model (r, alpha, dropout, rslora, dora,
 target modules, layers, trainable modules) plus whatever the caller adds (base model,
 label names, max length), so that ``apply_adapter`` can rebuild the same model.
 """
@@ -65,6 +65,7 @@ def apply_adapter(model: nn.Module, state: dict[str, torch.Tensor], config: dict
     names = inject_lora(model, target_modules=config["target_modules"], r=config["r"],
                         alpha=config["alpha"], dropout=config.get("dropout", 0.0),
                         trainable_modules=config.get("trainable_modules", ()),
-                        layers=config.get("layers"), rslora=config.get("rslora", False))
+                        layers=config.get("layers"), rslora=config.get("rslora", False),
+                        dora=config.get("dora", False))
     load_lora_state_dict(model, state)
     return names

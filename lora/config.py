@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 from .layer import check_lora_hyperparameters
 from .quantize import SCHEMES
+from .variants import INITS
 
 # The validation metrics a run can select on, and whether higher is better.
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "precision_macro": True,
@@ -22,6 +23,10 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] | None = None
     trainable_modules: tuple[str, ...] = ("classifier",)
+    rslora: bool = False
+    dora: bool = False
+    init: str = "lora"  # "lora" or "pissa"
+    lora_plus_ratio: float | None = None  # LoRA+: lora_B learns at lr * ratio
     lr: float = 3.99e-4
     batch_size: int = 32
     grad_accum: int = 4
@@ -70,10 +75,17 @@ class TrainConfig:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.val_size < 1:
             raise UsageError(f"--val-size must be between 0 and 1, got {self.val_size}")
+        if self.init not in INITS:
+            raise UsageError(f"--init must be one of {list(INITS)}, got {self.init!r}")
+        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
+            raise UsageError(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
         if self.metric not in HIGHER_IS_BETTER:
             raise UsageError(f"--metric must be one of {list(HIGHER_IS_BETTER)}")
         if self.quantize_base not in SCHEMES:
             raise UsageError(f"--quantize-base must be one of {list(SCHEMES)}, got {self.quantize_base!r}")
+        if self.dora and self.quantize_base != "none":
+            raise UsageError("--dora needs the float base weight for its norms; it does not work "
+                             "with --quantize-base")
         if self.double_quant and self.quantize_base != "nf4":
             raise UsageError("--double-quant applies to --quantize-base nf4 only")
         if self.resume and self.overwrite:

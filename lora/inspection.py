@@ -7,7 +7,10 @@ For every ``LoRALinear`` with pretrained weight ``W`` and update ``delta_W = sca
   many exceed 1% of the largest) and ``top_share`` (share of ``||delta_W||_F^2`` in the first);
 - ``amplification = ||delta_W||_F / ||U^T W V||_F`` with ``U``, ``V`` the top-``r`` singular
   vectors of ``delta_W`` (Hu et al. 2021, section 7.3): large when the update boosts directions
-  that ``W`` itself hardly uses, which is what the paper found.
+  that ``W`` itself hardly uses, which is what the paper found;
+- for DoRA (``W' = m * (W + s B A) / ||W + s B A||_c``): ``delta_W = W' - W``, and
+  ``magnitude_change = ||m - ||W||_c|| / ||W||_c||``: how far the trained row lengths moved
+  from the pretrained ones they start at (None for plain LoRA).
 
 Imports only torch.
 """
@@ -19,6 +22,7 @@ from torch import nn
 from .layer import LoRALinear
 from .model import lora_layers, merge_lora, unmerge_lora
 from .quantize import QuantizedLinear
+from .variants import DoRALinear
 
 
 @dataclass
@@ -32,6 +36,7 @@ class UpdateStats:
     effective_rank: int
     top_share: float
     amplification: float
+    magnitude_change: float | None = None
 
 
 @torch.no_grad()
@@ -48,6 +53,10 @@ def update_stats(name: str, layer: LoRALinear) -> UpdateStats:
     update_norm = float(delta.norm())
     projected = float((u.T @ weight @ vh.T).norm())
     largest = float(s[0])
+    magnitude_change = None
+    if isinstance(layer, DoRALinear):
+        start = weight.norm(dim=1)
+        magnitude_change = float((layer.lora_magnitude.float() - start).norm() / start.norm())
     return UpdateStats(
         name=name, r=layer.r, weight_norm=float(weight.norm()), update_norm=update_norm,
         relative_update=update_norm / float(weight.norm()),
@@ -55,6 +64,7 @@ def update_stats(name: str, layer: LoRALinear) -> UpdateStats:
         effective_rank=int((s > 0.01 * largest).sum()) if largest > 0 else 0,
         top_share=largest ** 2 / update_norm ** 2 if update_norm > 0 else 0.0,
         amplification=update_norm / projected if projected > 0 else float("inf"),
+        magnitude_change=magnitude_change,
     )
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .layer import FROZEN_LINEAR, LoRALinear, check_lora_hyperparameters
 from .quantize import QuantizedLinear, quantized_linear
+from .variants import INITS, DoRALinear, is_pissa, lora_to_pissa, pissa_init_, pissa_to_lora
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -75,7 +76,8 @@ def _is_under_any(names: Iterable[str], module_name: str) -> bool:
 def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "value"),
                 r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                 trainable_modules: Iterable[str] = ("classifier",),
-                layers: Iterable[int] | None = None, rslora: bool = False) -> list[str]:
+                layers: Iterable[int] | None = None, rslora: bool = False, dora: bool = False,
+                init: str = "lora") -> list[str]:
     """Wrap every matching ``nn.Linear`` in ``LoRALinear`` and freeze the rest.
 
     Which modules are wrapped (a rule you can predict from the arguments alone):
@@ -95,6 +97,8 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         r, alpha, dropout, rslora: passed to every ``LoRALinear``.
         trainable_modules: modules that stay fully trainable (the new classification head).
         layers: only adapt modules inside these encoder layer indices (None: all layers).
+        dora: wrap in ``DoRALinear`` (weight decomposition) instead of ``LoRALinear``.
+        init: ``"lora"`` (B = 0, Kaiming-uniform A) or ``"pissa"`` (``pissa_init_``).
 
     Returns:
         The dotted names of the replaced modules, in model order.
@@ -104,6 +108,8 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         (the message lists the Linear names the model does have).
     """
     check_lora_hyperparameters(r, alpha, dropout)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; inject into a fresh model")
     targets, trainable = set(target_modules), tuple(trainable_modules)
@@ -133,8 +139,12 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
                          f"modules are {sorted({n.split('.')[0] for n in parameter_names})}")
 
     model.requires_grad_(False)
+    layer_class = DoRALinear if dora else LoRALinear
     for name in matches:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
+        layer = layer_class(model.get_submodule(name), r, alpha, dropout, rslora)
+        if init == "pissa":
+            pissa_init_(layer)
+        _replace(model, name, layer)
     for name, parameter in model.named_parameters():
         if _is_under(name, trainable):
             parameter.requires_grad_(True)
@@ -205,9 +215,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter: every trainable tensor, i.e. after ``inject_lora`` the LoRA A/B and the head.
+    """The adapter: every trainable tensor, i.e. after ``inject_lora`` the LoRA A/B (and DoRA's
+    magnitude) and the head.
 
-    Keys are ``model.named_parameters()`` names; values are detached (not copied).
+    Keys are ``model.named_parameters()`` names; values are detached (not copied). The adapter
+    is always relative to the pretrained weights: a PiSSA layer's A and B come as the rank-2r
+    plain LoRA ``pissa_to_lora`` makes of them (new tensors).
 
     Raises:
         ValueError: when a base weight inside a LoRA layer is trainable: once merged, the saved
@@ -218,8 +231,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
              if parameter.requires_grad and _is_under(name, inside)]
     if wrong:
         raise ValueError(f"{_some(wrong)} trains inside a LoRA layer; only lora_A / lora_B may")
-    return {name: parameter.detach() for name, parameter in model.named_parameters()
-            if parameter.requires_grad}
+    state = {name: parameter.detach() for name, parameter in model.named_parameters()
+             if parameter.requires_grad}
+    for name, layer in lora_layers(model):
+        if is_pissa(layer):
+            state[f"{name}.lora_A"], state[f"{name}.lora_B"] = pissa_to_lora(layer)
+    return state
 
 
 def _some(names: Iterable[str], limit: int = 5) -> str:
@@ -231,6 +248,9 @@ def _some(names: Iterable[str], limit: int = 5) -> str:
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy an adapter into a model prepared by the same ``inject_lora`` call. Strict.
+
+    The inverse of ``lora_state_dict``: a PiSSA layer takes the first halves of the rank-2r
+    A and B (``lora_to_pissa``).
 
     Raises:
         ValueError: naming the missing, unexpected or mis-shaped keys; nothing is copied then.
@@ -248,8 +268,14 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         problems.append(f"mis-shaped: {_some(misshaped)}")
     if problems:
         raise ValueError("adapter does not fit the model: " + "; ".join(problems))
-    for key, tensor in own.items():
-        tensor.copy_(state[key])
+    state = dict(state)
+    for name, layer in lora_layers(model):
+        if is_pissa(layer):
+            state[f"{name}.lora_A"], state[f"{name}.lora_B"] = lora_to_pissa(
+                layer, state[f"{name}.lora_A"], state[f"{name}.lora_B"])
+    for key, parameter in model.named_parameters():
+        if key in own:
+            parameter.copy_(state[key])
 
 
 def _trainable_owner(name: str, frozen: list[str]) -> str:
@@ -280,17 +306,21 @@ def _target_names(model: nn.Module, adapted: list[str], layers: list[int] | None
 def lora_settings(model: nn.Module) -> dict:
     """The settings ``inject_lora`` was called with, read back from the model.
 
-    Returns r, alpha, dropout, rslora, target_modules, layers (None: all) and
+    Returns r, alpha, dropout, rslora, dora, target_modules, layers (None: all) and
     trainable_modules: for each trainable non-LoRA parameter, the shortest dotted prefix of
     its name with no frozen parameter under it (``"classifier"`` for the usual head), so
     that ``inject_lora(trainable_modules=...)`` makes exactly the same parameters trainable.
+
+    They describe the adapter ``lora_state_dict`` returns: for PiSSA, the plain LoRA of rank
+    ``2r`` with the same scaling (``alpha`` doubled, or times ``sqrt(2)`` with rsLoRA), as peft
+    saves a converted PiSSA adapter.
     """
     named = list(lora_layers(model))
     if not named:
         raise ValueError("the model has no LoRA layers; call inject_lora first")
     first = named[0][1]
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    lora_names = {f"{name}.{p}" for name, _ in named for p in ("lora_A", "lora_B")}
+    lora_names = {f"{name}.{p}" for name, layer in named for p, _ in layer.named_parameters(recurse=False)}
     frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
     trainable = sorted({_trainable_owner(name, frozen) for name, parameter in model.named_parameters()
                         if parameter.requires_grad and name not in lora_names})
@@ -298,8 +328,12 @@ def lora_settings(model: nn.Module) -> dict:
     all_layers = sorted({layer_index(name) for name, module in model.named_modules()
                          if isinstance(module, FROZEN_LINEAR)} - {None})
     layers = None if adapted_layers == all_layers else adapted_layers
+    r, alpha = first.r, first.alpha
+    if is_pissa(first):
+        r, alpha = 2 * r, alpha * (2 ** 0.5 if first.rslora else 2)
     return {
-        "r": first.r, "alpha": first.alpha, "dropout": dropout, "rslora": first.rslora,
+        "r": r, "alpha": alpha, "dropout": dropout, "rslora": first.rslora,
+        "dora": isinstance(first, DoRALinear),
         "target_modules": _target_names(model, [name for name, _ in named], layers, trainable),
         "layers": layers,
         "trainable_modules": trainable,
@@ -316,15 +350,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def parameter_table(model: nn.Module) -> str:
     """A readable breakdown of the trainable parameters, one row per module, with totals.
 
-    LoRA rows show the shapes of A and B and the count as ``r * (in + out)``.
+    LoRA rows show the shapes of A and B and the count as ``r * (in + out)``, DoRA rows as
+    ``r * (in + out) + out`` (the magnitude vector).
     """
     rows = [("module", "A", "B", "trainable", "formula")]
     lora_names = set()
     for name, module in lora_layers(model):
-        lora_names.update({f"{name}.lora_A", f"{name}.lora_B"})
+        lora_names.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
         r, n_in, n_out = module.r, module.base.in_features, module.base.out_features
-        rows.append((name, f"{r}x{n_in}", f"{n_out}x{r}", f"{r * (n_in + n_out):,}",
-                     f"{r} * ({n_in} + {n_out})"))
+        dora = isinstance(module, DoRALinear)
+        rows.append((name, f"{r}x{n_in}", f"{n_out}x{r}", f"{r * (n_in + n_out) + dora * n_out:,}",
+                     f"{r} * ({n_in} + {n_out})" + (f" + {n_out}" if dora else "")))
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and name not in lora_names:
             shape = "x".join(map(str, parameter.shape))

@@ -37,6 +37,7 @@ from .model import (count_parameters, inject_lora, load_lora_state_dict, lora_st
 from .quantize import describe_quantized
 from .provenance import provenance
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
+from .variants import lora_plus_groups
 
 CONFIG_NAME = "train_config.json"
 SUMMARY_NAME = "summary.json"
@@ -122,14 +123,18 @@ def start_output_dir(directory: Path, config: TrainConfig) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only; biases and LayerNorm weights get no weight decay."""
+    """AdamW over trainable parameters only; biases and LayerNorm weights get no weight decay;
+    with ``lora_plus_ratio`` every ``lora_B`` learns at ``lr * ratio`` (LoRA+)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             skip = parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
             (no_decay if skip else decay).append(parameter)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.lora_plus_ratio is not None:
+        groups = lora_plus_groups(model, groups, config.lr, config.lora_plus_ratio)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
@@ -246,7 +251,8 @@ def load_job(config: TrainConfig, device: torch.device):
     model = load_classifier_model(config.model, splits.labels)
     try:
         wrapped = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
-                              config.trainable_modules, config.layers)
+                              config.trainable_modules, config.layers, rslora=config.rslora,
+                              dora=config.dora, init=config.init)
         if config.quantize_base != "none":
             quantize_base(model, config.quantize_base, config.double_quant)
     except ValueError as error:

@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LOOP = "tests/test_loop.py::"
 SEARCH = "tests/test_search.py::"
+VARIANTS = "tests/test_variants.py::"
 
 
 @dataclass
@@ -111,6 +112,46 @@ SABOTAGES = [
     Sabotage("search: a study of another search is reused", "lora/cli/search.py",
              "    elif stored != definition:", "    elif False:",
              (SEARCH + "test_a_storage_that_is_not_a_database_or_holds_another_search_is_refused",)),
+    Sabotage("variants: DoRA norm not detached", "lora/variants.py",
+             "        with torch.no_grad():\n            return torch.linalg.norm(",
+             "        if True:\n            return torch.linalg.norm(",
+             (VARIANTS + "test_dora_logits_and_gradients_match_peft",)),
+    Sabotage("variants: DoRA magnitude starts off the row norms", "lora/variants.py",
+             "self.lora_magnitude.copy_(self.weight_norm(self.base.weight.float()))",
+             "self.lora_magnitude.copy_(self.weight_norm(self.base.weight.float()) * (1 + 1e-7))",
+             (VARIANTS + "test_zero_init_gives_the_base_model_bit_for_bit",)),
+    Sabotage("variants: DoRA ignores dropout on the W x part", "lora/variants.py",
+             "if self.training and isinstance(self.dropout, nn.Dropout):", "if False:",
+             (VARIANTS + "test_dora_training_forward_with_dropout_matches_peft_under_the_same_seed",)),
+    Sabotage("variants: DoRA merges without the magnitude", "lora/variants.py",
+             "return scale[:, None] * adapted - weight", "return adapted - weight",
+             (VARIANTS + "test_dora_merge_matches_peft_and_unmerge_is_bit_exact",)),
+    Sabotage("variants: DoRA count without m", "lora/model.py",
+             "dora = isinstance(module, DoRALinear)", "dora = False",
+             (VARIANTS + "test_dora_parameter_counts_match_peft_and_the_formula",)),
+    Sabotage("variants: PiSSA without the division by the scaling", "lora/variants.py",
+             "root = (singular[:layer.r] / layer.scaling).sqrt()", "root = singular[:layer.r].sqrt()",
+             (VARIANTS + "test_pissa_init_matches_peft",)),
+    Sabotage("variants: PiSSA saved with +B0", "lora/variants.py",
+             "torch.cat([layer.lora_B.detach(), -layer.pissa_B0], dim=1))",
+             "torch.cat([layer.lora_B.detach(), layer.pissa_B0], dim=1))",
+             (VARIANTS + "test_a_pissa_adapter_rebuilds_the_trained_model_from_the_pretrained_one",)),
+    Sabotage("variants: PiSSA saved without doubling alpha", "lora/model.py",
+             "r, alpha = 2 * r, alpha * (2 ** 0.5 if first.rslora else 2)", "r = 2 * r",
+             (VARIANTS + "test_a_pissa_adapter_rebuilds_the_trained_model_from_the_pretrained_one",)),
+    Sabotage("variants: PiSSA accepts another start", "lora/variants.py",
+             "raise ValueError(\"the adapter's PiSSA start", "print(\"the adapter's PiSSA start",
+             (VARIANTS + "test_a_pissa_adapter_with_another_start_is_refused",)),
+    Sabotage("variants: LoRA+ with peft's 1-D rule", "lora/variants.py",
+             "if isinstance(layer, LoRALinear)}",
+             "if isinstance(layer, LoRALinear)} | {id(p) for p in model.parameters() if p.ndim == 1}",
+             (VARIANTS + "test_lora_plus_groups_match_peft_except_for_one_dimensional_tensors",)),
+    Sabotage("variants: make_optimizer ignores --lora-plus-ratio", "lora/training.py",
+             "groups = lora_plus_groups(model, groups, config.lr, config.lora_plus_ratio)", "pass",
+             (VARIANTS + "test_make_optimizer_with_lora_plus_keeps_weight_decay_rules",)),
+    Sabotage("variants: inspect measures m against the wrong norms", "lora/inspection.py",
+             "start = weight.norm(dim=1)", "start = weight.norm(dim=0)[:weight.shape[0]]",
+             (VARIANTS + "test_inspection_reports_the_magnitude_change",)),
 ]
 
 

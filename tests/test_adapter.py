@@ -78,7 +78,7 @@ def test_config_contents(tmp_path):
     model = trained(target_modules=("value", "query"), r=4, alpha=8, dropout=0.1, layers=[0])
     save_adapter(tmp_path, model, CALLER)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config == {"r": 4, "alpha": 8, "dropout": 0.1, "rslora": False,
+    assert config == {"r": 4, "alpha": 8, "dropout": 0.1, "rslora": False, "dora": False,
                       "target_modules": ["query", "value"], "layers": [0],
                       "trainable_modules": ["classifier"], **CALLER}
     assert load_adapter(tmp_path)[1] == config

@@ -155,7 +155,8 @@ def test_lora_settings_read_back():
     model = tiny_model(0)
     inject_lora(model, ("value", "query"), r=4, alpha=8.0, dropout=0.1, rslora=True)
     assert lora_settings(model) == {
-        "r": 4, "alpha": 8.0, "dropout": 0.1, "rslora": True, "target_modules": ["query", "value"],
+        "r": 4, "alpha": 8.0, "dropout": 0.1, "rslora": True, "dora": False,
+        "target_modules": ["query", "value"],
         "layers": None, "trainable_modules": ["classifier"]}
     with pytest.raises(ValueError, match="no LoRA layers"):
         lora_settings(tiny_model(0))

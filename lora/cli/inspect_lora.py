@@ -4,7 +4,8 @@
 
 Prints the parameter accounting (r * (in + out) per layer), then per adapted layer the size of
 ``delta_W = (alpha / r) * B @ A`` against the pretrained ``W``, its singular values, and the
-paper's amplification factor (see lora/inspection.py); checks that merging the adapter into the
+paper's amplification factor (see lora/inspection.py), and for DoRA how far the magnitude
+vector moved from the pretrained row norms (``|dm|/|m|``); checks that merging the adapter into the
 weights leaves the logits unchanged; and draws the relative update per layer and module.
 """
 import argparse
@@ -24,12 +25,15 @@ from lora.inspection import adapter_stats, merge_gap  # noqa: E402
 
 
 def print_stats(stats) -> None:
-    print(f"{'layer':<48} {'r':>3} {'|W|':>8} {'|dW|':>8} {'|dW|/|W|':>9} {'eff.rank':>8} "
+    dora = any(s.magnitude_change is not None for s in stats)
+    magnitude = f" {'|dm|/|m|':>9}" if dora else ""
+    print(f"{'layer':<48} {'r':>3} {'|W|':>8} {'|dW|':>8} {'|dW|/|W|':>9}{magnitude} {'eff.rank':>8} "
           f"{'top share':>9} {'amplif.':>8}  singular values")
     for s in stats:
         values = " ".join(f"{v:.3g}" for v in s.singular_values)
-        print(f"{s.name:<48} {s.r:>3} {s.weight_norm:>8.3f} {s.update_norm:>8.4f} {s.relative_update:>9.4f} "
-              f"{s.effective_rank:>8} {s.top_share:>9.3f} {s.amplification:>8.2f}  {values}")
+        magnitude = f" {s.magnitude_change:>9.4f}" if dora else ""
+        print(f"{s.name:<48} {s.r:>3} {s.weight_norm:>8.3f} {s.update_norm:>8.4f} {s.relative_update:>9.4f}"
+              f"{magnitude} {s.effective_rank:>8} {s.top_share:>9.3f} {s.amplification:>8.2f}  {values}")
 
 
 def plot_stats(stats, path: Path) -> None:

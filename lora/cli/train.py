@@ -29,6 +29,12 @@ def parse_args(argv=None) -> TrainConfig:
                       help="with --quantize-base nf4: store the block scales in 8 bits too (4.127 instead of 4.5 bits a weight)")
     lora.add_argument("--trainable-modules", nargs="*", default=list(defaults.trainable_modules),
                       help="modules trained in full, e.g. the new head (default: %(default)s)")
+    lora.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    lora.add_argument("--dora", action="store_true", help="DoRA: a trainable magnitude per output row")
+    lora.add_argument("--init", choices=["lora", "pissa"], default=defaults.init,
+                      help="lora: B = 0, Kaiming A; pissa: top-r SVD of W, residual frozen (default: %(default)s)")
+    lora.add_argument("--lora-plus-ratio", type=float, default=None,
+                      help="LoRA+: lora_B learns at lr * RATIO, e.g. 16 (default: off)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")

@@ -1,0 +1,184 @@
+"""Three refinements of LoRA, each a few lines beside ``LoRALinear`` (imports only torch).
+
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): split the adapted weight into a
+trainable length per output row and a direction::
+
+    W' = m * (W + s B A) / ||W + s B A||_c        m: (out,), ||.||_c: norm of each output row
+
+PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): start ``B A`` on the top-``r``
+singular directions of ``W`` and freeze the residual, so that training moves the principal
+part of ``W`` first::
+
+    W = U S V^T,  A0 = sqrt(S_r / s) V_r^T,  B0 = U_r sqrt(S_r / s),  W_res = W - s B0 A0
+
+LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): ``B`` learns ``ratio`` times
+faster than ``A`` (``lr_B = ratio * lr``).
+
+Everything here matches peft 0.21 (``use_dora=True``, ``init_lora_weights="pissa"``,
+``create_loraplus_optimizer``) up to float rounding; ``tests/test_variants.py`` checks it.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .layer import LoRALinear
+
+INITS = ("lora", "pissa")  # inject_lora(init=...): zero B and Kaiming A, or pissa_init_
+
+
+class DoRALinear(LoRALinear):
+    """``LoRALinear`` with weight decomposition: ``W' = m * (W + s B A) / ||W + s B A||_c``.
+
+    ``lora_magnitude`` (``m``, float32, shape ``(out,)``, trainable) starts at the row norms
+    of ``W``, so with ``B = 0`` the layer returns exactly what the pretrained one did. The
+    norm ``||W + s B A||_c`` is detached, as the paper suggests (section 4.3) and peft does:
+    it follows ``B A`` in the forward pass but gets no gradient. Trainable numbers per layer:
+    ``r * (in + out) + out``.
+
+    The forward pass adds ``(W' - W) @ dropout(x)`` to the base output, written as::
+
+        scale  = m / ||W + s B A||_c                                   (out,)
+        update = (scale - 1) * (W @ dropout(x)) + scale * s * B @ A @ dropout(x)
+
+    Without active dropout ``W @ x`` is the base output minus its bias: no second matmul.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False):
+        super().__init__(base, r, alpha, dropout, rslora)
+        self.lora_magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device))
+        self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """``m = ||W + s B A||_c``: the layer's output is then what ``W + s B A`` gives."""
+        self.lora_magnitude.copy_(self.weight_norm(self.base.weight.float()))
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||weight + s B A||_c``, the norm of each output row, ``(out,)``, detached."""
+        with torch.no_grad():
+            return torch.linalg.norm(weight + self.scaling * (self.lora_B @ self.lora_A), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            if self.training:
+                raise RuntimeError("LoRALinear is merged: call unmerge() before training")
+            return result
+        weight = self.base.weight.to(self.lora_A.dtype)
+        scale = self.lora_magnitude / self.weight_norm(weight)
+        dropped = self.dropout(x).to(self.lora_A.dtype)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            base_part = F.linear(dropped, weight)
+        else:
+            base_part = result if self.base.bias is None else result - self.base.bias
+        lora_part = F.linear(F.linear(dropped, self.lora_A) * self.scaling, self.lora_B)
+        update = (scale - 1) * base_part + scale * lora_part
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``W' - W``, shape ``(out, in)``, float32, against the pretrained ``W`` even when merged.
+
+        ``merge()`` adds it to ``W`` (so the merged weight is ``W'`` up to one rounding);
+        ``unmerge()`` restores the kept ``W`` bit for bit, as for plain LoRA.
+        """
+        weight = (self.weight_before_merge if self.merged else self.base.weight).float()
+        scale = self.lora_magnitude.detach() / self.weight_norm(weight)
+        adapted = weight + self.scaling * (self.lora_B.detach() @ self.lora_A.detach())
+        return scale[:, None] * adapted - weight
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+
+# ---------------------------------------------------------------- PiSSA
+
+@torch.no_grad()
+def pissa_init_(layer: LoRALinear) -> None:
+    """Initialise ``layer`` the PiSSA way, in place, as peft's ``init_lora_weights="pissa"``.
+
+    With ``W = U S V^T`` (full SVD in float32, singular values in decreasing order) and ``s``
+    the layer's scaling::
+
+        A0 = sqrt(S_r / s) * V_r^T        (r, in)
+        B0 = U_r * sqrt(S_r / s)          (out, r)      so  s * B0 @ A0 = U_r S_r V_r^T
+        W_res = W - s * B0 @ A0           the new frozen base weight
+
+    The layer's output is unchanged (up to rounding). ``A0`` and ``B0`` are kept as buffers
+    ``pissa_A0``, ``pissa_B0``: the adapter is saved relative to the pretrained ``W``
+    (``pissa_to_lora``). A ``DoRALinear`` gets its magnitude recomputed from ``W_res + s B0 A0``.
+    """
+    weight = layer.base.weight
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"PiSSA needs a float weight, got {weight.dtype}")
+    full = weight.float()
+    u, singular, vh = torch.linalg.svd(full, full_matrices=False)
+    root = (singular[:layer.r] / layer.scaling).sqrt()
+    lora_A = root[:, None] * vh[:layer.r]
+    lora_B = u[:, :layer.r] * root
+    layer.lora_A.copy_(lora_A)
+    layer.lora_B.copy_(lora_B)
+    weight.copy_((full - layer.scaling * lora_B @ lora_A).to(weight.dtype))
+    layer.register_buffer("pissa_A0", lora_A.clone(), persistent=False)
+    layer.register_buffer("pissa_B0", lora_B.clone(), persistent=False)
+    if isinstance(layer, DoRALinear):
+        layer.reset_magnitude()
+
+
+def is_pissa(layer: LoRALinear) -> bool:
+    """True when ``pissa_init_`` initialised ``layer`` (its base weight is a residual)."""
+    return getattr(layer, "pissa_A0", None) is not None
+
+
+def pissa_to_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PiSSA adapter as a plain LoRA of rank ``2r`` on the pretrained ``W`` (peft's conversion).
+
+    ``W_res + s B A = W + s (B A - B0 A0) = W + s [B, -B0] @ [A; A0]``, so
+    ``A' = [A; A0]`` ``(2r, in)`` and ``B' = [B, -B0]`` ``(out, 2r)``. With the same ``s``
+    (``alpha' = 2 alpha``, or ``sqrt(2) alpha`` with rsLoRA), ``A'``, ``B'`` on the
+    untouched pretrained model give the trained layer.
+    """
+    return (torch.cat([layer.lora_A.detach(), layer.pissa_A0]),
+            torch.cat([layer.lora_B.detach(), -layer.pissa_B0], dim=1))
+
+
+def lora_to_pissa(layer: LoRALinear, lora_A: torch.Tensor, lora_B: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``pissa_to_lora`` for this layer: ``(A, B)``, the first ``r`` rows/columns.
+
+    Raises:
+        ValueError: when the other halves are not this layer's ``A0``, ``-B0`` (an adapter
+        from another initialisation, or an SVD that came out differently on another device).
+    """
+    r = layer.r
+    if not (torch.equal(lora_A[r:], layer.pissa_A0.to(lora_A.device))
+            and torch.equal(lora_B[:, r:], -layer.pissa_B0.to(lora_B.device))):
+        raise ValueError("the adapter's PiSSA start (A0, B0) differs from this model's")
+    return lora_A[:r], lora_B[:, :r]
+
+
+# ---------------------------------------------------------------- LoRA+
+
+def lora_plus_groups(model: nn.Module, groups: list[dict], lr: float, ratio: float) -> list[dict]:
+    """Split optimizer parameter groups so that every ``lora_B`` learns at ``lr * ratio``.
+
+    Each group keeps its settings (weight decay...); its ``lora_B`` tensors move to a copy
+    of it with ``lr = lr * ratio``. Everything else (``lora_A``, DoRA's magnitude, biases,
+    LayerNorms, the head) keeps ``lr``.
+
+    peft (and the paper's reference code) also put every 1-D trainable tensor in the fast
+    group. We don't: the LoRA+ argument is about the two factors of ``B @ A`` (``B`` sees the
+    wide input through ``A``, so its efficient learning rate is larger); it says nothing about
+    a bias, a LayerNorm or DoRA's magnitude, and a 16x learning rate on the head's bias but
+    not on the head's weight has no reason behind it.
+    """
+    fast = {id(layer.lora_B) for _, layer in model.named_modules() if isinstance(layer, LoRALinear)}
+    split = []
+    for group in groups:
+        slow = [p for p in group["params"] if id(p) not in fast]
+        quick = [p for p in group["params"] if id(p) in fast]
+        if slow:
+            split.append({**group, "params": slow, "lr": group.get("lr", lr)})
+        if quick:
+            split.append({**group, "params": quick, "lr": group.get("lr", lr) * ratio})
+    return split
