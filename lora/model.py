@@ -341,9 +341,11 @@ def lora_settings(model: nn.Module) -> dict:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
+    """``(trainable, total)`` parameter counts. A quantized base weight is stored as buffers,
+    not a parameter, and still counts as its ``out * in`` numbers in the total."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    total = sum(p.numel() for p in model.parameters()) + quantized
     return trainable, total
 
 

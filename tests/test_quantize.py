@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import LABELS, tiny_model, tiny_tokenizer, toy_news
-from lora import (Int8Linear, LoRALinear, NF4Linear, QuantizedLinear, inject_lora, lora_layers,
+from lora import (Int8Linear, LoRALinear, NF4Linear, QuantizedLinear, count_parameters, inject_lora, lora_layers,
                   lora_settings, lora_state_dict, merge_lora, quantize_base, unmerge_lora)
 from lora.backbone import load_classifier_model
 from lora.errors import UsageError
@@ -387,3 +387,11 @@ def test_same_indices_and_scales_as_bitsandbytes():
         absmax = weight.reshape(-1, 64).abs().amax(dim=1)
         scaled = ((absmax - ours.offset).reshape(-1) / ours.absmax2.repeat_interleave(256)[:absmax.numel()])
         assert ((scaled - DYNAMIC_8BIT[our_index]).abs() <= (scaled - DYNAMIC_8BIT[theirs_index]).abs() + 1e-7).all()
+
+
+def test_a_quantized_base_still_counts_its_weights_in_the_total():
+    model = tiny_model()
+    inject_lora(model, r=4, alpha=8.0)
+    before = count_parameters(model)
+    quantize_base(model, "nf4")
+    assert count_parameters(model) == before  # trainable unchanged; stored as buffers, still weights
