@@ -13,9 +13,9 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from torch import nn
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import RobertaForSequenceClassification
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import roberta_base_config, tiny_model, tiny_tokenizer
 from lora import (DoRALinear, LoRALinear, apply_adapter, count_parameters, inject_lora,
                   load_adapter, load_lora_state_dict, lora_layers, lora_plus_groups,
                   lora_state_dict, merge_lora, parameter_table, save_adapter,
@@ -171,7 +171,7 @@ def test_dora_parameter_counts_match_peft_and_the_formula():
     24 * (10 * (768 + 768) + 768) = 387,072, plus the 593,668 head = 980,740."""
     def roberta_base_shape():
         with torch.device("meta"):
-            return RobertaForSequenceClassification(RobertaConfig(num_labels=4))
+            return RobertaForSequenceClassification(roberta_base_config())
     ours = roberta_base_shape()
     inject_lora(ours, r=10, alpha=64, dora=True)
     theirs = with_peft(roberta_base_shape(), r=10, alpha=64, use_dora=True)
