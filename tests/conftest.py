@@ -126,3 +126,26 @@ def noisy_data_dir(tmp_path_factory):
     toy_news(400, seed=1, noise=0.4).to_csv(folder / "train.csv", index=False)
     toy_news(120, seed=2, noise=0.4).to_csv(folder / "test.csv", index=False)
     return folder
+
+
+def peft_key(name: str) -> str:
+    """Our parameter name -> peft's: ``X.lora_A`` -> ``base_model.model.X.lora_A.default.weight``,
+    ``X.lora_magnitude`` -> ``...X.lora_magnitude_vector.default.weight`` (DoRA),
+    ``classifier.P`` -> ``base_model.model.classifier.modules_to_save.default.P``."""
+    if name.startswith("classifier."):
+        return "base_model.model.classifier.modules_to_save.default." + name.split(".", 1)[1]
+    if name.endswith(".lora_magnitude"):
+        return f"base_model.model.{name.removesuffix('.lora_magnitude')}.lora_magnitude_vector.default.weight"
+    return f"base_model.model.{name}.default.weight"
+
+
+def assert_gradients_match_peft(ours, theirs) -> None:
+    """After a backward pass in both: every trainable gradient of ours equals peft's (float32
+    tolerance rtol 1e-4, atol 1e-7); frozen parameters have none."""
+    peft_params = dict(theirs.named_parameters())
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, peft_params[peft_key(name)].grad,
+                                       rtol=1e-4, atol=1e-7, msg=name)
+        else:
+            assert parameter.grad is None, name

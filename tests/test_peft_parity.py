@@ -8,7 +8,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import roberta_base_config, tiny_model, tiny_tokenizer
+from conftest import assert_gradients_match_peft, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
 from lora import count_parameters, inject_lora, lora_layers, lora_state_dict, merge_lora
 
 TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
@@ -27,14 +27,6 @@ def with_peft(model: nn.Module, targets, r, alpha, dropout=0.0, rslora=False, la
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers deprecation notices from inside peft
         return get_peft_model(model, config)
-
-
-def peft_key(name: str) -> str:
-    """Our adapter key -> peft's: ``X.lora_A`` -> ``base_model.model.X.lora_A.default.weight``,
-    ``classifier.P`` -> ``base_model.model.classifier.modules_to_save.default.P``."""
-    if name.startswith("classifier."):
-        return "base_model.model.classifier.modules_to_save.default." + name.split(".", 1)[1]
-    return f"base_model.model.{name}.default.weight"
 
 
 def pair(targets=("query", "value"), r=4, alpha=8, dropout=0.0, rslora=False, layers=None,
@@ -119,13 +111,7 @@ def test_gradients_match_peft():
     for model in (ours, theirs):
         model.train()
         model(**batch(), labels=LABELS).loss.backward()
-    peft_params = dict(theirs.named_parameters())
-    for name, parameter in ours.named_parameters():
-        if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, peft_params[peft_key(name)].grad,
-                                       rtol=1e-4, atol=1e-7, msg=name)
-        else:
-            assert parameter.grad is None, name
+    assert_gradients_match_peft(ours, theirs)
 
 
 def test_training_forward_with_dropout_matches_peft_under_the_same_seed():

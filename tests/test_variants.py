@@ -15,7 +15,7 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import roberta_base_config, tiny_model, tiny_tokenizer
+from conftest import assert_gradients_match_peft, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
 from lora import (DoRALinear, LoRALinear, apply_adapter, count_parameters, inject_lora,
                   load_adapter, load_lora_state_dict, lora_layers, lora_plus_groups,
                   lora_state_dict, merge_lora, parameter_table, save_adapter,
@@ -63,15 +63,6 @@ def with_peft(model: nn.Module, r=4, alpha=8, dropout=0.0, **settings) -> nn.Mod
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, config)
-
-
-def peft_key(name: str) -> str:
-    """Our adapter key -> peft's parameter name."""
-    if name.startswith("classifier."):
-        return "base_model.model.classifier.modules_to_save.default." + name.split(".", 1)[1]
-    if name.endswith(".lora_magnitude"):
-        return f"base_model.model.{name.removesuffix('.lora_magnitude')}.lora_magnitude_vector.default.weight"
-    return f"base_model.model.{name}.default.weight"
 
 
 def dora_pair(dropout=0.0, **overrides):
@@ -125,13 +116,7 @@ def test_dora_logits_and_gradients_match_peft():
     for model in (ours, theirs):
         model.train()
         model(**batch(), labels=LABELS).loss.backward()
-    peft_params = dict(theirs.named_parameters())
-    for name, parameter in ours.named_parameters():
-        if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, peft_params[peft_key(name)].grad,
-                                       rtol=1e-4, atol=1e-7, msg=name)
-        else:
-            assert parameter.grad is None, name
+    assert_gradients_match_peft(ours, theirs)
 
 
 def test_dora_training_forward_with_dropout_matches_peft_under_the_same_seed():
