@@ -48,7 +48,7 @@ class TrainConfig:
     val_size: float = 0.05
     clean: bool = False
     output_dir: str | None = None
-    resume: bool = False
+    resume: bool | str = False  # True: continue the run; "auto": continue it if it has a checkpoint
     overwrite: bool = False
     quantize_base: str = "none"  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
     double_quant: bool = False  # nf4 only: the block absmax values in 8 bits too
@@ -88,6 +88,10 @@ class TrainConfig:
                              "with --quantize-base")
         if self.double_quant and self.quantize_base != "nf4":
             raise UsageError("--double-quant applies to --quantize-base nf4 only")
+        if self.resume not in (False, True, "auto"):
+            raise UsageError(f"--resume takes no value or 'auto', got {self.resume!r}")
+        if self.resume == "auto" and self.output_dir is None:
+            raise UsageError("--resume auto needs --output-dir: the folder to continue, or to start in")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues a run and --overwrite replaces it: pass one of them")
         try:

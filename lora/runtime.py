@@ -1,10 +1,6 @@
 """Where and how a model runs: device choice, autocast, batched forward passes, run folders."""
 import contextlib
-import signal
-import sys
-import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -30,29 +26,6 @@ def autocast_context(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Ctrl-C during training without losing a step: the first one sets ``requested`` on the
-    yielded object (the loop then checkpoints at the step boundary and stops); a second one
-    interrupts at once. Outside the main thread (no signals there) nothing changes."""
-    interrupt = SimpleNamespace(requested=False)
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupt
-        return
-
-    def on_sigint(signum, frame):
-        if interrupt.requested:
-            raise KeyboardInterrupt
-        interrupt.requested = True
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield interrupt
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 @torch.inference_mode()

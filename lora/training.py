@@ -36,7 +36,8 @@ from .model import (count_parameters, inject_lora, load_lora_state_dict, lora_st
                     quantize_base)
 from .quantize import describe_quantized
 from .provenance import provenance
-from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
+from .runtime import RUNS_DIR, autocast_context, batched_logits, pick_device
+from .signals import graceful_stop
 from .variants import lora_plus_groups
 
 CONFIG_NAME = "train_config.json"
@@ -71,7 +72,8 @@ def pick_precision(precision: str | None, device: torch.device) -> str:
 
 def resolve_output_dir(config: TrainConfig) -> Path:
     """The run folder, checked but not created. A non-empty one needs ``--resume`` or
-    ``--overwrite``; ``--resume`` without ``--output-dir`` takes the newest run with a checkpoint."""
+    ``--overwrite``; ``--resume`` without ``--output-dir`` takes the newest run with a checkpoint.
+    (``--resume auto`` was decided before: see ``_open_run``)."""
     if config.resume and config.output_dir is None:
         candidates = sorted((d for d in RUNS_DIR.glob("*") if has_checkpoint(d)),
                             key=lambda d: d.stat().st_mtime)
@@ -280,6 +282,9 @@ def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None
 
 def _open_run(config: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
     """The run folder, the settings (saved ones on ``--resume``) and the checkpoint to resume."""
+    if config.resume == "auto":  # --resume when there is a checkpoint, else a fresh start in the folder
+        found = has_checkpoint(Path(config.output_dir))
+        config = dataclasses.replace(config, resume=found, overwrite=not found)
     output_dir = resolve_output_dir(config)
     if not config.resume:
         return output_dir, config, None
@@ -387,12 +392,12 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
     progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step",
                     disable=not in_terminal)
     epoch_batches = {}
-    with deferred_interrupt() as interrupt:
+    with graceful_stop() as stop:
         while state["step"] < total_steps and not state["stopped_early"]:
-            if distributed.any_rank(interrupt.requested, world):
+            if distributed.any_rank(stop.requested, world):  # every rank stops at the same step
                 checkpoint_now()
                 progress.close()
-                print(f"\ninterrupted at step {state['step']}; checkpoint saved; continue with: "
+                print(f"\nstopped at step {state['step']}; checkpoint saved; continue with: "
                       f"python train.py --resume --output-dir {output_dir}")
                 raise KeyboardInterrupt
             epoch, window_in_epoch = divmod(state["window"], steps_per_epoch)

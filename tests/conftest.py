@@ -2,6 +2,8 @@
 AG-News-like dataset. Nothing is downloaded; nothing under ../shared is read."""
 import os
 import random
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never wait on the network
 
@@ -149,3 +151,93 @@ def assert_gradients_match_peft(ours, theirs) -> None:
                                        rtol=1e-4, atol=1e-7, msg=name)
         else:
             assert parameter.grad is None, name
+
+
+# ----------------------------------------------------------------------------- comparing floats
+# The rule (tests/README.md says it at length): bit for bit (torch.equal) only where the very same
+# kernels run on the very same inputs, in the same order: a resumed run against the uninterrupted
+# one, unmerge restoring the kept weight, a zero-initialised LoRA layer against its base, a model
+# against itself. Everything else compares two *different* float computations of one value (a bias
+# fused or added after, one process or two, accumulation splits, peft's code or ours): their results
+# differ in the last bits from one CPU (AVX-512, AVX2, thread count) to the next, so they are
+# compared with a tolerance derived here, once.
+
+def float_tolerance(dtype: torch.dtype = torch.float32, terms: int = 1) -> dict:
+    """``rtol`` / ``atol`` for two computations of one value that sum ``terms`` products in a
+    different order. Each reordered sum of n terms may differ by up to about n * eps relative to
+    the sum of the terms' magnitudes (Higham, "Accuracy and Stability of Numerical Algorithms",
+    section 4.2); typical errors are sqrt(n) * eps. We allow 4 * sqrt(n) * eps, relative to the
+    value and, for values that cancel to near zero, the same as an absolute bound on values of
+    order one (the tensors compared here are activations, logits and weights of order one)."""
+    eps = torch.finfo(dtype).eps
+    bound = 4 * max(terms, 1) ** 0.5 * eps
+    return {"rtol": bound, "atol": bound}
+
+
+def assert_same_value(actual, expected, dtype: torch.dtype = torch.float32, terms: int = 1, msg=None) -> None:
+    """``actual`` and ``expected`` are two float computations of one value (``float_tolerance``)."""
+    torch.testing.assert_close(actual, expected, **float_tolerance(dtype, terms), msg=msg)
+
+
+# Two training runs whose gradients differ only by reordered float32 sums (1 process vs 2, one
+# batch vs accumulated micro-batches) drift apart step by step: AdamW divides each gradient by
+# the root of its running square, so a rounding difference in a near-zero gradient element moves
+# that element's update by a fraction of lr, not of the gradient. Measured: after 6 steps at
+# lr 5e-3, at most 6.7e-6 apart (AMD EPYC, 2 threads) and 8.9e-4 relative. The bound: each step
+# may move an element by up to lr * 1e-3 differently, atol = steps * lr * 1e-3; relative 2e-3.
+# The sabotages this guards (a lost micro-batch, a gradient not averaged over ranks, a wrong
+# loss scale) change the weights by whole updates, i.e. by ~lr: 1000 times more than this.
+def training_tolerance(steps: int, lr: float) -> dict:
+    return {"rtol": 2e-3, "atol": steps * lr * 1e-3}
+
+
+# ----------------------------------------------------------------------------- several processes
+class WorkerFailed(AssertionError):
+    """A worker process raised, exited without a result, or did not finish in time."""
+
+
+def run_workers(function, args: tuple, nprocs: int, timeout: float, log_dir) -> None:
+    """Run ``function(rank, *args)`` in ``nprocs`` spawned processes and wait at most ``timeout``
+    seconds for all of them. Every worker dumps its Python stack into ``log_dir`` shortly before
+    the deadline (``faulthandler``); a worker that raises, dies or hangs makes this raise
+    ``WorkerFailed`` naming the rank, with its traceback or where it hung, and no worker is
+    left behind."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + timeout
+    context = mp.start_processes(_watched_worker, args=(function, args, deadline, str(log_dir)),
+                                 nprocs=nprocs, start_method="spawn", join=False)
+    try:
+        while not context.join(timeout=0.5):
+            if time.time() > deadline:
+                time.sleep(1.5)  # the workers' stack dumps come due now
+                stacks = "\n".join(f"--- rank {rank}:\n" + _read(log_dir / f"stack-rank{rank}.txt")[-3000:]
+                                   for rank in range(nprocs))
+                raise WorkerFailed(f"workers still running after {timeout:.0f} s; where each one was:\n{stacks}")
+    except ProcessException as error:  # a worker raised (its traceback is in the message) or died
+        raise WorkerFailed(f"rank {error.error_index} failed:\n{error}") from None
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    missing = [rank for rank in range(nprocs) if not (log_dir / f"done-rank{rank}").exists()]
+    if missing:  # torch's spawn wrapper exits 0 on KeyboardInterrupt: a worker that ended early
+        raise WorkerFailed(f"rank(s) {missing} exited without finishing (KeyboardInterrupt?)")
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() and path.stat().st_size else "(no stack: still starting)"
+
+
+def _watched_worker(rank: int, function, args: tuple, deadline: float, log_dir: str) -> None:
+    import faulthandler
+    stack_file = open(Path(log_dir) / f"stack-rank{rank}.txt", "w")
+    faulthandler.dump_traceback_later(max(deadline - 1 - time.time(), 0.5), file=stack_file)
+    try:
+        function(rank, *args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    (Path(log_dir) / f"done-rank{rank}").touch()

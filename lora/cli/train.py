@@ -60,7 +60,10 @@ def parse_args(argv=None) -> TrainConfig:
     evaluation.add_argument("--patience", type=int, default=defaults.patience, help="early stop after N evaluations without improvement (default: %(default)s)")
     evaluation.add_argument("--metric", choices=list(HIGHER_IS_BETTER), default=defaults.metric, help="what 'best' means (default: %(default)s)")
     evaluation.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>)")
-    evaluation.add_argument("--resume", action="store_true", help="continue the run in --output-dir (default: the newest run) from its checkpoint")
+    evaluation.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                            help="continue the run in --output-dir (default: the newest run) from its checkpoint; "
+                                 "'--resume auto': continue it if it has a checkpoint, else start it there "
+                                 "(for torchrun --max-restarts)")
     evaluation.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
 
     data = parser.add_argument_group("model and data")
