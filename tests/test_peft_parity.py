@@ -8,7 +8,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import assert_gradients_match_peft, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
+from conftest import MODEL_TOLERANCE, assert_gradients_match_peft, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
 from lora import count_parameters, inject_lora, lora_layers, lora_state_dict, merge_lora
 
 TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
@@ -79,7 +79,7 @@ def test_logits_match_peft(settings):
         got = ours(**batch()).logits
         base = tiny_model(0)(**batch()).logits
     assert not torch.allclose(expected, base, atol=1e-2)  # the adapters matter
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, **MODEL_TOLERANCE)
 
 
 def test_delta_weights_match_peft():
@@ -88,7 +88,7 @@ def test_delta_weights_match_peft():
         peft_module = theirs.base_model.model.get_submodule(name)
         assert module.scaling == peft_module.scaling["default"]
         torch.testing.assert_close(module.delta_weight(), peft_module.get_delta_weight("default"),
-                                   rtol=0, atol=1e-7)
+                                   **MODEL_TOLERANCE)
 
 
 def test_merged_weights_and_logits_match_peft_merge_and_unload():
@@ -99,10 +99,10 @@ def test_merged_weights_and_logits_match_peft_merge_and_unload():
         merged = theirs.merge_and_unload()
     for name, module in lora_layers(ours):
         torch.testing.assert_close(module.base.weight, merged.get_submodule(name).weight,
-                                   rtol=0, atol=1e-7)
+                                   **MODEL_TOLERANCE)
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch()).logits, merged(**batch()).logits,
-                                   rtol=0, atol=1e-6)
+                                   **MODEL_TOLERANCE)
 
 
 def test_gradients_match_peft():
@@ -125,4 +125,4 @@ def test_training_forward_with_dropout_matches_peft_under_the_same_seed():
             torch.manual_seed(5)
             trained.append(model(**batch()).logits)
     assert not torch.allclose(trained[0], evaluated, atol=1e-2)  # dropout was active
-    torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(trained[0], trained[1], **MODEL_TOLERANCE)

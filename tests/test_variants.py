@@ -15,7 +15,7 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import assert_gradients_match_peft, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
+from conftest import MODEL_TOLERANCE, TINY_MODEL_TERMS, assert_gradients_match_peft, assert_same_run, assert_same_value, config_for, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
 from lora import (DoRALinear, LoRALinear, apply_adapter, count_parameters, inject_lora,
                   load_adapter, load_lora_state_dict, lora_layers, lora_plus_groups,
                   lora_state_dict, merge_lora, parameter_table, save_adapter,
@@ -104,15 +104,16 @@ def test_dora_layer_computes_its_formula():
     weight, bias = layer.base.weight, layer.base.bias
     adapted = weight + 2.0 * layer.lora_B @ layer.lora_A
     expected_weight = layer.lora_magnitude[:, None] * adapted / adapted.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(layer(x), x @ expected_weight.T + bias, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer.delta_weight(), expected_weight - weight, rtol=0, atol=1e-6)
+    # Our order of operations against the formula's: 6 input features a value.
+    assert_same_value(layer(x), x @ expected_weight.T + bias, terms=6)
+    assert_same_value(layer.delta_weight(), expected_weight - weight, terms=6)
 
 
 def test_dora_logits_and_gradients_match_peft():
     ours, theirs = dora_pair(**NO_DROPOUT)
     expected = logits(theirs)
     assert not torch.allclose(expected, logits(tiny_model(0, **NO_DROPOUT)), atol=1e-2)
-    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(ours), expected, **MODEL_TOLERANCE)
     for model in (ours, theirs):
         model.train()
         model(**batch(), labels=LABELS).loss.backward()
@@ -130,7 +131,7 @@ def test_dora_training_forward_with_dropout_matches_peft_under_the_same_seed():
         with torch.no_grad():
             trained.append(model(**batch()).logits)
     assert not torch.allclose(trained[0], evaluated, atol=1e-2)  # dropout was active
-    torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(trained[0], trained[1], **MODEL_TOLERANCE)
 
 
 def test_dora_merge_matches_peft_and_unmerge_is_bit_exact():
@@ -143,8 +144,8 @@ def test_dora_merge_matches_peft_and_unmerge_is_bit_exact():
         merged = theirs.merge_and_unload()
     for name, layer in lora_layers(ours):
         torch.testing.assert_close(layer.base.weight, merged.get_submodule(name).weight,
-                                   rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(ours), unmerged, rtol=0, atol=1e-5)
+                                   **MODEL_TOLERANCE)
+    torch.testing.assert_close(logits(ours), unmerged, **MODEL_TOLERANCE)
     unmerge_lora(ours)
     for name, layer in lora_layers(ours):
         assert torch.equal(layer.base.weight, pretrained[name]), name
@@ -177,16 +178,17 @@ def test_pissa_init_matches_peft(rslora):
     pretrained = tiny_model(0)
     for name, layer in lora_layers(ours):
         peft_layer = theirs.base_model.model.get_submodule(name)
-        # Compare products: the SVD fixes each singular vector only up to its sign.
-        torch.testing.assert_close(layer.lora_B @ layer.lora_A, peft_layer.get_delta_weight("default")
-                                   / peft_layer.scaling["default"], rtol=0, atol=1e-5)
-        torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight, rtol=0, atol=1e-5)
+        # Compare products: the SVD fixes each singular vector only up to its sign. Two SVDs of a
+        # 32 x 32 matrix agree to about n * eps * |W|: the tolerance of 32 * 32 reordered terms.
+        assert_same_value(layer.lora_B @ layer.lora_A, peft_layer.get_delta_weight("default")
+                          / peft_layer.scaling["default"], terms=32 * 32)
+        assert_same_value(layer.base.weight, peft_layer.base_layer.weight, terms=32 * 32)
         # The definition: s B0 A0 is the best rank-r part of W, and W_res + s B0 A0 = W.
         weight = pretrained.get_submodule(name).weight
         u, s, vh = torch.linalg.svd(weight)
-        torch.testing.assert_close(layer.delta_weight(), u[:, :4] * s[:4] @ vh[:4], rtol=0, atol=1e-5)
-        torch.testing.assert_close(layer.base.weight + layer.delta_weight(), weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(ours), logits(pretrained), rtol=0, atol=1e-5)
+        assert_same_value(layer.delta_weight(), u[:, :4] * s[:4] @ vh[:4], terms=32 * 32)
+        assert_same_value(layer.base.weight + layer.delta_weight(), weight, terms=32 * 32)
+    torch.testing.assert_close(logits(ours), logits(pretrained), **MODEL_TOLERANCE)
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(rslora=True), dict(dora=True)],
@@ -205,9 +207,9 @@ def test_a_pissa_adapter_rebuilds_the_trained_model_from_the_pretrained_one(sett
     apply_adapter(fresh, state, config)
     assert all(type(layer) is (DoRALinear if settings.get("dora") else LoRALinear)
                for _, layer in lora_layers(fresh))
-    torch.testing.assert_close(logits(fresh), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(fresh), expected, **MODEL_TOLERANCE)
     merge_lora(fresh)
-    torch.testing.assert_close(logits(fresh), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(fresh), expected, **MODEL_TOLERANCE)
     # Back into the PiSSA model (train.py restores its best adapter so): bit for bit.
     with torch.no_grad():
         for parameter in model.parameters():
@@ -321,7 +323,6 @@ def test_inspection_reports_the_magnitude_change():
 
 def test_a_dora_pissa_lora_plus_run_resumes_bit_for_bit(tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch):
     """Checkpoints hold PiSSA's adapter in its saved rank-2r form: resuming converts it back exactly."""
-    from test_loop import assert_same_run, config_for
     variant = dict(dora=True, init="pissa", lora_plus_ratio=4.0, metric="loss", max_steps=6)
     straight = tmp_path / "straight"
     train(config_for(tiny_model_dir, noisy_data_dir, straight, **variant))
@@ -340,3 +341,16 @@ def test_a_dora_pissa_lora_plus_run_resumes_bit_for_bit(tiny_model_dir, noisy_da
     monkeypatch.setattr(training, "accumulate_gradients", real)
     train(TrainConfig(output_dir=str(resumed), resume=True))
     assert_same_run(resumed, straight)
+
+
+def test_dora_with_pissa_starts_equal_to_the_pretrained_model():
+    """PiSSA moves the top-r part of W into B0 A0 and DoRA's magnitude must then start at the row
+    norms of W_res + s B0 A0, which are those of the pretrained W (not of the residual)."""
+    pretrained = tiny_model(0, **NO_DROPOUT)
+    ours = tiny_model(0, **NO_DROPOUT)
+    inject_lora(ours, r=4, alpha=8, dora=True, init="pissa")
+    for name, layer in lora_layers(ours):
+        weight = pretrained.get_submodule(name).weight
+        assert_same_value(layer.lora_magnitude, weight.norm(dim=1), terms=32 * 32, msg=name)  # through an SVD
+        assert not torch.allclose(layer.base.weight.norm(dim=1), weight.norm(dim=1), atol=1e-2), name
+    assert_same_value(logits(ours), logits(pretrained), terms=32 * 32 + TINY_MODEL_TERMS)
