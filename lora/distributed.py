@@ -54,7 +54,14 @@ def start(device: torch.device) -> World:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # torchrun keeps one store for all attempts of a group (--max-restarts): keys that the
+        # ranks of a failed attempt wrote (their gloo/NCCL addresses) are still there when the
+        # restarted ranks look for each other, and a rank that reads its partner's old address
+        # fails with "Connection refused". Each attempt therefore gets keys of its own.
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"lora/attempt-{attempt}", store), rank=rank, world_size=size)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
 
 

@@ -27,9 +27,7 @@ def torchrun(model_dir, data_dir, output_dir, fault=None):
                "--resume", "auto", "--r", "4", "--alpha", "8", "--lr", "5e-3", "--batch-size", "4",
                "--grad-accum", "2", "--max-steps", "8", "--eval-steps", "3", "--log-steps", "1",
                "--max-length", "32", "--val-size", "0.1", "--warmup-ratio", "0", "--metric", "loss"]
-    result = run_process_group(command, LAUNCH_TIMEOUT, env=env)
-    Path(f"/tmp/launch-{Path(output_dir).name}.log").write_text(result.stdout)
-    return result
+    return run_process_group(command, LAUNCH_TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")
