@@ -3,7 +3,6 @@ scancel, preemption) and with a worker killed outright (``--max-restarts 1`` + `
 Each case must end with the adapter, optimizer and records of the uninterrupted run, bit for bit:
 every run here is the same computation (2 processes, 1 thread each, as torchrun sets)."""
 import os
-import signal
 import sys
 from pathlib import Path
 
