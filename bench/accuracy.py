@@ -39,7 +39,8 @@ from lora import count_parameters, inject_lora, lora_layers
 from lora.backbone import load_classifier_model, load_tokenizer
 from lora.data import length_grouped_batches, load_splits, pad_batch, tokenize
 from lora.report import classification_metrics
-from lora.runtime import autocast_context, batched_logits
+from lora.device import autocast_context
+from lora.evaluation import batched_logits
 from lora.training import TrainConfig, accumulate_gradients, make_optimizer
 
 MODEL = "minilm"
@@ -140,7 +141,8 @@ def build_models(labels: list[str], seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     base = load_classifier_model(MODEL, labels)
     ours = copy.deepcopy(base)
-    inject_lora(ours, TARGET_MODULES, LORA["r"], LORA["alpha"], LORA["dropout"], HEAD_MODULES)
+    inject_lora(ours, TARGET_MODULES, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                trainable_modules=HEAD_MODULES)
     theirs = with_peft_lora(copy.deepcopy(base))
     copy_lora_weights(ours, theirs)
     return {"ours": ours, "peft": theirs, "full": base}

@@ -25,7 +25,7 @@ from bench.common import Setup, markdown_table, paired_ratio_cell, ratio_cell
 from lora.quantize import QuantizedLinear
 from lora.training import TrainConfig, train
 
-LORA = dict(r=10, alpha=64.0)
+LORA = dict(r=TrainConfig.r, alpha=TrainConfig.alpha)  # the seeds' recipe
 VARIANTS = {"float32": "none", "int8": "int8", "nf4": "nf4", "nf4+dq": "nf4+dq"}
 TARGET_NF4_BYTES = 0.16
 TARGET_ACCURACY_POINTS = 0.5

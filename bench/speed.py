@@ -33,7 +33,7 @@ from lora.backbone import load_classifier_model, load_tokenizer
 from lora.data import BUNDLED_DIR, length_grouped_batches, load_splits, read_table, tokenize
 from lora.training import TrainConfig, train
 
-LORA = dict(r=10, alpha=64.0)
+LORA = dict(r=TrainConfig.r, alpha=TrainConfig.alpha)  # the seeds' recipe
 TRAIN_VARIANTS = ("ours", "peft", "full")
 INFERENCE_VARIANTS = ("base", "unmerged", "merged")
 TARGET_OURS_VS_PEFT = 1.00

@@ -81,8 +81,8 @@ def timing(args, first_seed: int) -> tuple[dict, dict]:
         model = load_classifier_model("minilm", common.LABELS)
         model.load_state_dict(base.state_dict())
         settings = {k: v for k, v in keywords.items() if k != "lora_plus_ratio"}
-        inject_lora(model, ("query", "value"), config.r, config.alpha, config.dropout,
-                    ("classifier", "pooler"), **settings)
+        inject_lora(model, ("query", "value"), r=config.r, alpha=config.alpha, dropout=config.dropout,
+                    trainable_modules=("classifier", "pooler"), **settings)
         optimizer = make_optimizer(model, TrainConfig(lr=1e-3, **keywords))
         batch = common.make_batch(model, BATCH, TOKENS, args.device)
         model.train()

@@ -12,17 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .io import write_atomically
 from .model import inject_lora, load_lora_state_dict, lora_settings, lora_state_dict
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename over ``path``: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def save_adapter(directory: str | os.PathLike, model: nn.Module, config: dict | None = None) -> Path:

@@ -28,7 +28,9 @@ def resolve_model(name: str) -> str:
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_SECONDS) -> bool:
-    """One HTTP request to the hub (proxies honoured); False at once under ``HF_HUB_OFFLINE=1``."""
+    """One HTTP request to the hub (proxies honoured); False at once under ``HF_HUB_OFFLINE=1``.
+    Any HTTP answer, an error status included, means reachable: the hub is there, and what a
+    download then needs (a token, a mirror) is for its own error message to say."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False

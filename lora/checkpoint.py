@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import write_atomically
+from .io import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -4,11 +4,20 @@ from dataclasses import dataclass
 from .errors import UsageError
 from .layer import check_lora_hyperparameters
 from .quantize import SCHEMES
-from .variants import INITS
+from .variants import DORA_NEEDS_FLOAT_BASE, INITS
 
 # The validation metrics a run can select on, and whether higher is better.
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "precision_macro": True,
                     "recall_macro": True, "loss": False}
+# The one setting with several flags: the flag of each autocast precision.
+PRECISION_FLAGS = {"fp16": "--fp16", "bf16": "--bf16", "fp32": "--no-amp"}
+
+
+def flag_for(field_name: str) -> str:
+    """The train.py flag of a ``TrainConfig`` field: ``grad_accum`` -> ``--grad-accum``."""
+    if field_name == "precision":
+        return "/".join(PRECISION_FLAGS.values())
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -50,7 +59,7 @@ class TrainConfig:
     output_dir: str | None = None
     resume: bool | str = False  # True: continue the run; "auto": continue it if it has a checkpoint
     overwrite: bool = False
-    quantize_base: str = "none"  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
+    quantize_base: str | None = None  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
     double_quant: bool = False  # nf4 only: the block absmax values in 8 bits too
     evaluate_test: bool = True  # False: stop after training (search.py ranks trials on validation)
 
@@ -81,11 +90,10 @@ class TrainConfig:
             raise UsageError(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
         if self.metric not in HIGHER_IS_BETTER:
             raise UsageError(f"--metric must be one of {list(HIGHER_IS_BETTER)}")
-        if self.quantize_base not in SCHEMES:
+        if self.quantize_base is not None and self.quantize_base not in SCHEMES:
             raise UsageError(f"--quantize-base must be one of {list(SCHEMES)}, got {self.quantize_base!r}")
-        if self.dora and self.quantize_base != "none":
-            raise UsageError("--dora needs the float base weight for its norms; it does not work "
-                             "with --quantize-base")
+        if self.dora and self.quantize_base is not None:
+            raise UsageError(DORA_NEEDS_FLOAT_BASE)  # the message DoRALinear and quantize_base raise
         if self.double_quant and self.quantize_base != "nf4":
             raise UsageError("--double-quant applies to --quantize-base nf4 only")
         if self.resume not in (False, True, "auto"):

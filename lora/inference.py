@@ -18,13 +18,16 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, write_atomically
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter
+from .io import write_atomically
 from .backbone import load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
 from .model import merge_lora, quantize_base, unmerge_lora
 from .provenance import version_warning
-from .runtime import RUNS_DIR, batched_logits, pick_device
+from .device import pick_device
+from .evaluation import batched_logits
+from .run_folder import RUNS_DIR
 
 # What a merge is checked on when the caller gives no texts: short, long, empty.
 CHECK_TEXTS = [
@@ -93,7 +96,7 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
     model = load_classifier_model(config["base_model"], config["labels"])
     try:
         apply_adapter(model, state, config)
-        if config.get("quantize_base", "none") != "none":  # the base the adapter was trained on
+        if config.get("quantize_base") not in (None, "none"):  # the base it was trained on ("none": old files)
             quantize_base(model, config["quantize_base"], config.get("double_quant", False))
     except (ValueError, TypeError) as error:
         raise UsageError(f"adapter {adapter_dir} does not fit base model "

@@ -89,11 +89,18 @@ class LoRALinear(nn.Module):
             if self.training:
                 raise RuntimeError("LoRALinear is merged: call unmerge() before training")
             return result
-        x = self.dropout(x).to(self.lora_A.dtype)
-        # Scaling the (*, r) activations, not the (*, out) update, saves a full-width pass
-        # over the output forward and backward (see BENCHMARKS.md, bench/speed.py).
-        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
-        return result + update.to(result.dtype)
+        return result + self.update(x, result).to(result.dtype)
+
+    def update(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """What this layer adds to the base output ``(*, out)``: ``scaling * dropout(x) A^T B^T``.
+        The one method a variant overrides (``DoRALinear``)."""
+        return self.low_rank(self.dropout(x).to(self.lora_A.dtype))
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * x A^T B^T``: ``(*, in)`` -> ``(*, r)`` -> ``(*, out)``. Scaling the ``(*, r)``
+        activations, not the ``(*, out)`` result, saves a full-width pass over the output forward
+        and backward (see BENCHMARKS.md, bench/speed.py)."""
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A``, shape ``(out, in)``, computed in float32."""

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .layer import FROZEN_LINEAR, LoRALinear, check_lora_hyperparameters
-from .quantize import QuantizedLinear, quantized_linear
-from .variants import INITS, DoRALinear, is_pissa, lora_to_pissa, pissa_init_, pissa_to_lora
+from .quantize import SCHEMES, QuantizedLinear, quantized_linear
+from .variants import DORA_NEEDS_FLOAT_BASE, INITS, DoRALinear, is_pissa, lora_to_pissa, pissa_init_, pissa_to_lora
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -73,9 +73,8 @@ def _is_under_any(names: Iterable[str], module_name: str) -> bool:
     return any(_is_under(name, (module_name,)) for name in names)
 
 
-def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "value"),
-                r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                trainable_modules: Iterable[str] = ("classifier",),
+def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "value"), *, r: int, alpha: float,
+                dropout: float = 0.0, trainable_modules: Iterable[str] = ("classifier",),
                 layers: Iterable[int] | None = None, rslora: bool = False, dora: bool = False,
                 init: str = "lora") -> list[str]:
     """Wrap every matching ``nn.Linear`` in ``LoRALinear`` and freeze the rest.
@@ -94,7 +93,8 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         model: any ``nn.Module``; changed in place.
         target_modules: names to adapt (see ``is_target``): last name components (RoBERTa:
             ``query``, ``key``, ``value``) or paths inside an encoder layer (``intermediate.dense``).
-        r, alpha, dropout, rslora: passed to every ``LoRALinear``.
+        r, alpha, dropout, rslora: passed to every ``LoRALinear`` (``r`` and ``alpha`` have no
+            default here: the recipe's live in ``TrainConfig``; dropout 0 means none).
         trainable_modules: modules that stay fully trainable (the new classification head).
         layers: only adapt modules inside these encoder layer indices (None: all layers).
         dora: wrap in ``DoRALinear`` (weight decomposition) instead of ``LoRALinear``.
@@ -166,11 +166,14 @@ def quantize_base(model: nn.Module, scheme: str, double_quant: bool = False) -> 
         The dotted names of the quantized layers.
 
     Raises:
-        ValueError: an unknown scheme; LoRA updates merged into the weights (quantizing them
-        would round the adapter away with the base); no frozen ``nn.Linear`` to quantize.
+        ValueError: an unknown scheme; DoRA layers (their norms need the float weight); LoRA
+        updates merged into the weights (quantizing them would round the adapter away with the
+        base); no frozen ``nn.Linear`` to quantize.
     """
-    if scheme not in ("int8", "nf4"):
-        raise ValueError(f"unknown quantization scheme {scheme!r}; choose 'int8' or 'nf4'")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose {' or '.join(map(repr, SCHEMES))}")
+    if any(isinstance(module, DoRALinear) for _, module in lora_layers(model)):
+        raise ValueError(DORA_NEEDS_FLOAT_BASE)
     if any(module.merged for _, module in lora_layers(model)):
         raise ValueError("the model holds merged LoRA weights; quantizing them would round the "
                          "adapter away: unmerge first (or quantize the base, then add the adapter)")

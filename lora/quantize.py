@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-SCHEMES = ("none", "int8", "nf4")
+SCHEMES = ("int8", "nf4")
 NF4_BLOCK = 64
 ABSMAX_BLOCK = 256  # double quantization: absmax values per 8-bit block
 

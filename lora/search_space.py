@@ -77,7 +77,7 @@ class ParameterCounter:
         where ``per_rank`` sums ``in + out`` over the adapted layers and ``fixed`` counts the
         fully trained modules. Raises ``ValueError`` when the targets match nothing."""
         model = self._meta_model()
-        inject_lora(model, targets, 1, 1.0, 0.0, trainable_modules, layers)
+        inject_lora(model, targets, r=1, alpha=1.0, trainable_modules=trainable_modules, layers=layers)
         trainable, _ = count_parameters(model)
         per_rank = sum(m.base.in_features + m.base.out_features for _, m in lora_layers(model))
         return trainable - per_rank, per_rank

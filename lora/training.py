@@ -3,125 +3,116 @@ checkpoints -> best adapter -> one test evaluation -> report.
 
 The loop is written by hand (no Trainer) so it can be read top to bottom, nanoGPT style:
 autocast, loss / examples-in-window, GradScaler, unscale before clipping, step, zero_grad.
-
-Two counters move through a run: ``window`` (how many windows of ``grad_accum`` micro-batches
-were consumed: the position in the data) and ``step`` (how many optimizer updates were applied:
-what the schedule, evaluation and ``--max-steps`` count). They differ only by the steps the fp16
-GradScaler skipped because the gradients overflowed: a skipped step is not a step.
+``_train`` is the whole job in order; each step it takes is a named function below or beside it:
+the run folder and checkpoints (``run_folder.py``), the counters (``progress.py``), evaluation
+(``evaluation.py``), several processes (``distributed.py``), Ctrl-C and SIGTERM (``signals.py``).
 """
 import dataclasses
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from . import distributed, report
-from .adapter import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from .adapter import WEIGHTS_NAME, load_adapter, save_adapter
+from . import distributed, report, run_folder
+from .adapter import load_adapter, save_adapter
 from .backbone import load_classifier_model, load_tokenizer, require_hub_or_cache
-from .checkpoint import (CHECKPOINT_NAME, has_checkpoint, load_checkpoint, restore_rng_states, rng_states,
-                         save_checkpoint)
 from .config import TrainConfig
-from .data import length_grouped_batches, load_splits, pad_batch, tokenize
+from .data import Splits, length_grouped_batches, load_splits, pad_batch, tokenize
+from .device import autocast_context, pick_device, pick_precision
 from .distributed import World
 from .errors import UsageError
-from .model import (count_parameters, inject_lora, load_lora_state_dict, lora_state_dict, parameter_table,
-                    quantize_base)
-from .quantize import describe_quantized
+from .evaluation import evaluate
+from .model import count_parameters, inject_lora, load_lora_state_dict, parameter_table, quantize_base
+from .progress import Progress
 from .provenance import provenance
-from .runtime import RUNS_DIR, autocast_context, batched_logits, pick_device
+from .quantize import describe_quantized
+from .run_folder import Run, restore_training_state, save_training_state
 from .signals import graceful_stop
 from .variants import lora_plus_groups
 
-CONFIG_NAME = "train_config.json"
-SUMMARY_NAME = "summary.json"
-METRICS_NAME = "metrics.jsonl"
-# What a finished or interrupted run leaves that a new run must not be confused by (--overwrite).
-RUN_FILES = (CONFIG_NAME, SUMMARY_NAME, METRICS_NAME, CHECKPOINT_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME)
 # fp16: this many skipped steps in a row means the loss itself is not finite: stop the run.
 MAX_CONSECUTIVE_SKIPS = 20
-# Settings --resume may be given again without changing the run.
-RESUME_FLAGS = ("output_dir", "resume", "overwrite")
 
 
 class TrainingStopped(UsageError):
     """The loss or the gradients stopped being finite; the last checkpoint stays resumable."""
 
 
-# ---------------------------------------------------------------- set-up
+# ---------------------------------------------------------------- what a run trains, and with what
 
-def pick_precision(precision: str | None, device: torch.device) -> str:
-    """The autocast precision: the one asked for, else fp16 on CUDA and fp32 on CPU.
+@dataclass
+class Job:
+    """What a run trains on: the splits, their token ids (tokenised once) and labels, the
+    tokenizer, and the LoRA model on its device (``wrapped``: the names of its LoRA layers)."""
+    splits: Splits
+    tokenizer: object
+    train_ids: list[list[int]]
+    val_ids: list[list[int]]
+    model: torch.nn.Module
+    wrapped: list[str]
 
-    fp16 also runs on CPU (torch >= 2.3): slowly, but through exactly the autocast + GradScaler
-    code that CUDA runs, which is how the tests exercise it.
-    """
-    if precision is None:
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        print("note: --fp16 on CPU is slow and meant for CUDA; it runs the same autocast + GradScaler path")
-    return precision
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
+    @property
+    def train_labels(self) -> list[int]:
+        return self.splits.train["label"].tolist()
 
-def resolve_output_dir(config: TrainConfig) -> Path:
-    """The run folder, checked but not created. A non-empty one needs ``--resume`` or
-    ``--overwrite``; ``--resume`` without ``--output-dir`` takes the newest run with a checkpoint.
-    (``--resume auto`` was decided before: see ``_open_run``)."""
-    if config.resume and config.output_dir is None:
-        candidates = sorted((d for d in RUNS_DIR.glob("*") if has_checkpoint(d)),
-                            key=lambda d: d.stat().st_mtime)
-        if not candidates:
-            raise UsageError("--resume: no run with a checkpoint under runs/; name one with --output-dir")
-        return candidates[-1]
-    directory = Path(config.output_dir or RUNS_DIR / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if config.resume:
-        if not has_checkpoint(directory) or not (directory / CONFIG_NAME).is_file():
-            raise UsageError(f"--resume: {directory} has no checkpoint to resume from")
-        return directory
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--output-dir {directory} is a file")
-    if directory.is_dir() and any(directory.iterdir()) and not config.overwrite:
-        raise UsageError(f"output directory {directory} is not empty; "
-                         "pass --resume to continue it or --overwrite to write over it")
-    return directory
+    @property
+    def val_labels(self) -> list[int]:
+        return self.splits.val["label"].tolist()
+
+    def micro_batch(self, indices: list[int], labels: list[int], world: World) -> dict:
+        """This rank's share of one global batch of training rows, padded, on the model's device;
+        a zero-weight stand-in when it has none (a short last batch split over the ranks)."""
+        mine = distributed.shard(indices, world)
+        rows = mine or indices[:1]
+        batch = pad_batch([self.train_ids[i] for i in rows], self.pad_id, [labels[i] for i in rows])
+        device = next(self.model.parameters()).device
+        return {**{k: v.to(device) for k, v in batch.items()}, "loss_weight": 1.0 if mine else 0.0}
 
 
-def resumed_config(config: TrainConfig, directory: Path) -> TrainConfig:
-    """The saved settings of the run in ``directory``. Flags given with ``--resume`` must not
-    change them (they would make the continued run a different one)."""
+@dataclass
+class Optimisation:
+    """AdamW, its schedule, the fp16 loss scaler, autocast, and the shape of the run in steps."""
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: object
+    precision: str
+    global_batch: int  # examples per micro-batch on all ranks together
+    steps_per_epoch: int
+    total_steps: int
+
+
+def load_job(config: TrainConfig, device: torch.device) -> Job:
+    """Data (tokenised once), tokenizer and the LoRA model; every failure here is a UsageError,
+    raised before the run folder exists."""
+    require_hub_or_cache(config.model, config.data)
+    splits = load_splits(config.data, config.val_size, config.seed, config.clean)
+    tokenizer = load_tokenizer(config.model)
+    train_ids = tokenize(splits.train["text"], tokenizer, config.max_length)
+    val_ids = tokenize(splits.val["text"], tokenizer, config.max_length)
+
+    # Model: pretrained encoder + fresh head, LoRA on the target modules, the rest frozen.
+    torch.manual_seed(config.seed)
+    model = load_classifier_model(config.model, splits.labels)
     try:
-        saved = json.loads((directory / CONFIG_NAME).read_text())
-        resumed = TrainConfig(**{**saved, "resume": True, "output_dir": str(directory), "overwrite": False})
-    except (json.JSONDecodeError, TypeError) as error:
-        raise UsageError(f"{directory / CONFIG_NAME} is not a train.py config: {error}") from None
-    defaults = TrainConfig()
-    changed = [field.name for field in dataclasses.fields(TrainConfig)
-               if field.name not in RESUME_FLAGS
-               and getattr(config, field.name) != getattr(defaults, field.name)
-               and getattr(config, field.name) != getattr(resumed, field.name)]
-    if changed:
-        flags = ", ".join("--fp16/--bf16/--no-amp" if name == "precision" else f"--{name.replace('_', '-')}"
-                          for name in changed)
-        raise UsageError(f"--resume continues {directory} with its saved settings; {flags} would change "
-                         "them (start a new run instead)")
-    return resumed
-
-
-def start_output_dir(directory: Path, config: TrainConfig) -> None:
-    """Create the run folder (after every setting was checked) and write ``train_config.json``.
-    ``--overwrite`` first removes what an earlier run left, its checkpoint above all."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if config.overwrite:
-        for name in RUN_FILES:
-            (directory / name).unlink(missing_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        wrapped = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                              trainable_modules=config.trainable_modules, layers=config.layers,
+                              rslora=config.rslora, dora=config.dora, init=config.init)
+        if config.quantize_base is not None:
+            quantize_base(model, config.quantize_base, config.double_quant)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return Job(splits, tokenizer, train_ids, val_ids, model.to(device), wrapped)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -149,6 +140,20 @@ def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
             return step / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimisation(model, config: TrainConfig, precision: str, world: World, train_rows: int) -> Optimisation:
+    """AdamW, linear warm-up then linear decay over the run's steps, GradScaler for fp16."""
+    global_batch = config.batch_size * world.size
+    steps_per_epoch = math.ceil(math.ceil(train_rows / global_batch) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = make_optimizer(model, config)
+    scheduler = linear_warmup_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+    return Optimisation(optimizer, scheduler, torch.amp.GradScaler(world.device.type, enabled=precision == "fp16"),
+                        autocast_context(precision, world.device), precision, global_batch, steps_per_epoch,
+                        total_steps)
 
 
 # ---------------------------------------------------------------- one step, one evaluation
@@ -203,24 +208,17 @@ def optimizer_step(optimizer, scaler, max_grad_norm: float) -> bool:
     return scaler.get_scale() >= scale  # the scale only ever shrinks after a skipped step
 
 
-def evaluate(model, token_ids, labels, batch_size, pad_id, device, autocast,
-             world: World = World()) -> tuple[dict, torch.Tensor]:
-    """Loss, accuracy and macro P/R/F1 on a split; also the probabilities ``(N, num_labels)``.
-
-    With several ranks each computes the logits of its contiguous share and all of them get
-    every share back, in order: every rank computes the same metrics (and so takes the same
-    early-stopping decision), and no row is counted twice.
-    """
-    was_training = model.training
-    model.eval()
-    mine = distributed.shard(list(range(len(token_ids))), world)
-    logits = batched_logits(model, [token_ids[i] for i in mine], batch_size, pad_id, autocast)
-    logits = torch.cat(distributed.gather(logits, world))
-    model.train(was_training)
-    targets = torch.tensor(labels)
-    metrics = {"loss": F.cross_entropy(logits, targets).item(),
-               **report.classification_metrics(labels, logits.argmax(dim=1).numpy())}
-    return metrics, logits.softmax(dim=1)
+def evaluate_and_keep_best(run: Run, job: Job, optimisation: Optimisation, progress: Progress,
+                           world: World) -> None:
+    """Validation metrics; save the adapter when they improve; stop when patience runs out."""
+    config = run.config
+    metrics, _ = evaluate(job.model, job.val_ids, job.val_labels, 2 * config.batch_size, job.pad_id,
+                          optimisation.autocast, world)
+    improved = progress.evaluated(metrics, config.metric, config.patience)
+    if improved and world.is_main:
+        save_adapter(run.directory, job.model, adapter_config(config, job.splits.labels))
+    tqdm.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+               + (" (best)" if improved else f" ({progress.bad_evals}/{config.patience} without improvement)"))
 
 
 def check_every_trainable_gets_a_gradient(model, batch: dict) -> None:
@@ -239,34 +237,13 @@ def check_every_trainable_gets_a_gradient(model, batch: dict) -> None:
 
 # ---------------------------------------------------------------- the job
 
-def load_job(config: TrainConfig, device: torch.device):
-    """Data (tokenised once), tokenizer and the LoRA model; every failure here is a UsageError,
-    raised before the run folder exists."""
-    require_hub_or_cache(config.model, config.data)
-    splits = load_splits(config.data, config.val_size, config.seed, config.clean)
-    tokenizer = load_tokenizer(config.model)
-    train_ids = tokenize(splits.train["text"], tokenizer, config.max_length)
-    val_ids = tokenize(splits.val["text"], tokenizer, config.max_length)
-
-    # Model: pretrained encoder + fresh head, LoRA on the target modules, the rest frozen.
-    torch.manual_seed(config.seed)
-    model = load_classifier_model(config.model, splits.labels)
-    try:
-        wrapped = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
-                              config.trainable_modules, config.layers, rslora=config.rslora,
-                              dora=config.dora, init=config.init)
-        if config.quantize_base != "none":
-            quantize_base(model, config.quantize_base, config.double_quant)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    return splits, tokenizer, train_ids, val_ids, model.to(device), wrapped
-
-
-def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
+def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None = None,
+          explicit: set[str] | None = None) -> dict:
     """Run the whole job; returns the summary that is also written to ``summary.json``.
 
     ``on_evaluation(step, metrics)`` is called after each validation evaluation (and its
     checkpoint); an exception it raises (``optuna.TrialPruned``) ends the run and propagates.
+    ``explicit``: the settings the user gave (the command line's; see ``run_folder.open_run``).
 
     Under ``torchrun`` every process runs this with the same config: one model trained with
     data parallelism (see ``lora/distributed.py``); rank 0 prints and writes the files.
@@ -275,188 +252,125 @@ def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None
     world = distributed.start(pick_device(config.device))
     try:
         with distributed.quiet_unless_main(world):
-            return _train(config, world, on_evaluation)
+            return _train(config, world, on_evaluation, explicit)
     finally:
         distributed.stop(world)
 
 
-def _open_run(config: TrainConfig) -> tuple[Path, TrainConfig, dict | None]:
-    """The run folder, the settings (saved ones on ``--resume``) and the checkpoint to resume."""
-    if config.resume == "auto":  # --resume when there is a checkpoint, else a fresh start in the folder
-        found = has_checkpoint(Path(config.output_dir))
-        config = dataclasses.replace(config, resume=found, overwrite=not found)
-    output_dir = resolve_output_dir(config)
-    if not config.resume:
-        return output_dir, config, None
-    return output_dir, resumed_config(config, output_dir), load_checkpoint(output_dir)
-
-
-def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
-    device = world.device
-    output_dir, config, checkpoint = distributed.from_main(world, lambda: _open_run(config))
-    if checkpoint and checkpoint["world_size"] != world.size:
-        raise UsageError(f"{output_dir} was trained by {checkpoint['world_size']} process(es) and the position in "
-                         f"the data depends on it: resume with torchrun --nproc_per_node {checkpoint['world_size']}")
-    precision = checkpoint["precision"] if checkpoint else pick_precision(config.precision, device)
-    if checkpoint and checkpoint["device"] != device.type:
-        print(f"note: this run was started on {checkpoint['device']} and continues on {device.type}: "
-              "the result will not be bit-identical to an uninterrupted run")
-
-    splits, tokenizer, train_ids, val_ids, model, wrapped = load_job(config, device)
-    train_labels, val_labels = splits.train["label"].tolist(), splits.val["label"].tolist()
-    pad_id = tokenizer.pad_token_id
+def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None) -> dict:
+    # Set-up: the run folder, the data and model, the optimiser; nothing is written before all is known good.
+    run = distributed.from_main(world, lambda: run_folder.open_run(config, explicit))
+    config = run.config
+    run_folder.check_resumable(run, world)
+    precision = run.checkpoint["precision"] if run.checkpoint else pick_precision(config.precision, world.device)
+    job = load_job(config, world.device)
     check_every_trainable_gets_a_gradient(
-        model, {k: v.to(device) for k, v in pad_batch(train_ids[:2], pad_id).items()})
+        job.model, {k: v.to(world.device) for k, v in pad_batch(job.train_ids[:2], job.pad_id).items()})
     if world.is_main and not config.resume:
-        start_output_dir(output_dir, config)
+        run_folder.create(run.directory, config)
     distributed.barrier(world)
     if world.distributed:
         torch.manual_seed(config.seed + world.rank)  # each rank its own dropout masks
-    print(f"run: {output_dir}  device: {device}  precision: {precision}")
-    print(f"data: {len(train_ids)} train, {len(val_ids)} validation, {len(splits.test)} test rows")
-    print(f"LoRA on {len(wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in wrapped}))}); "
-          f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}")
-    if config.quantize_base != "none":
-        print(describe_quantized(model))
-    trainable, total = count_parameters(model)
-    print(parameter_table(model))
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    global_batch = config.batch_size * world.size
-    print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
-          f"{world.size} process(es) = {global_batch * config.grad_accum} examples per optimizer step")
-    adapter_config = {"base_model": _portable_model_name(config.model), "labels": splits.labels,
-                      "max_length": config.max_length, "clean": config.clean, "provenance": provenance(),
-                      "quantize_base": config.quantize_base, "double_quant": config.double_quant}
-
-    # Optimisation: AdamW, linear warm-up then linear decay, GradScaler for fp16.
-    batches_per_epoch = math.ceil(len(train_ids) / global_batch)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    optimizer = make_optimizer(model, config)
-    scheduler = linear_warmup_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = autocast_context(precision, device)
-    trained_model = distributed.wrap(model, world)  # what the loop runs forward and backward
-
-    state = {"window": 0, "step": 0, "skipped_steps": 0, "skips_in_a_row": 0, "stopped_early": False,
-             "best": None, "best_step": None, "bad_evals": 0, "records": [],
-             "train_seconds": 0.0, "train_examples": 0}
-    if checkpoint:
-        load_lora_state_dict(model, {k: v.to(device) for k, v in checkpoint["adapter"].items()})
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        state = checkpoint["progress"]
-        restore_rng_states(checkpoint["rng"][world.rank])  # last: building the model drew from them
-        print(f"resuming at step {state['step']} of {total_steps}")
-
-    def checkpoint_now():
-        rng = distributed.gather(rng_states(), world)  # every rank's generators, in rank order
-        if world.is_main:
-            save_checkpoint(output_dir, {"adapter": {k: v.cpu() for k, v in lora_state_dict(model).items()},
-                                         "optimizer": optimizer.state_dict(),
-                                         "scheduler": scheduler.state_dict(),
-                                         "scaler": scaler.state_dict(), "progress": state, "rng": rng,
-                                         "precision": precision, "device": device.type, "world_size": world.size})
-            report.write_jsonl(output_dir / METRICS_NAME, state["records"])
-
-    def evaluate_and_keep_best() -> None:
-        """Validation metrics; save the adapter when they improve; stop when patience runs out."""
-        metrics, _ = evaluate(model, val_ids, val_labels, 2 * config.batch_size, pad_id, device, autocast, world)
-        state["records"].append({"kind": "eval", "step": state["step"], **metrics})
-        improved = report.is_improvement(config.metric, metrics[config.metric], state["best"])
-        if improved:
-            state.update(best=metrics[config.metric], best_step=state["step"], bad_evals=0)
-            if world.is_main:
-                save_adapter(output_dir, model, adapter_config)
-        else:
-            state["bad_evals"] += 1
-        state["stopped_early"] = state["bad_evals"] >= config.patience
-        tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                   + (" (best)" if improved else f" ({state['bad_evals']}/{config.patience} without improvement)"))
-
-    def rank_micro_batch(indices: list[int]) -> dict:
-        """This rank's share of one global batch, padded; a zero-weight stand-in when it has none."""
-        mine = distributed.shard(indices, world)
-        batch = pad_batch([train_ids[i] for i in mine or indices[:1]], pad_id,
-                          [train_labels[i] for i in mine or indices[:1]])
-        return {**batch, "loss_weight": 1.0 if mine else 0.0}
+    optimisation = make_optimisation(job.model, config, precision, world, len(job.train_ids))
+    describe_run(run, job, optimisation, world)
+    progress = Progress()
+    if run.checkpoint:
+        progress = restore_training_state(run.checkpoint, job.model, optimisation, world)
+        print(f"resuming at step {progress.step} of {optimisation.total_steps}")
+    trained_model = distributed.wrap(job.model, world)  # what the loop runs forward and backward
 
     # The loop: one iteration = one window of `grad_accum` micro-batches = one optimizer step,
     # unless the GradScaler skips it.
     trained_model.train()
-    lengths = [len(ids) for ids in train_ids]
+    lengths, labels = [len(ids) for ids in job.train_ids], job.train_labels
     in_terminal = sys.stderr.isatty() and world.is_main  # a bar in a terminal; plain lines in a log
-    progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step",
-                    disable=not in_terminal)
+    bar = tqdm(total=optimisation.total_steps, initial=progress.step, desc="training", unit="step",
+               disable=not in_terminal)
     epoch_batches = {}
     with graceful_stop() as stop:
-        while state["step"] < total_steps and not state["stopped_early"]:
+        while progress.step < optimisation.total_steps and not progress.stopped_early:
             if distributed.any_rank(stop.requested, world):  # every rank stops at the same step
-                checkpoint_now()
-                progress.close()
-                print(f"\nstopped at step {state['step']}; checkpoint saved; continue with: "
-                      f"python train.py --resume --output-dir {output_dir}")
+                save_training_state(run.directory, job.model, optimisation, progress, world)
+                bar.close()
+                print(f"\nstopped at step {progress.step}; checkpoint saved; continue with: "
+                      f"python train.py --resume --output-dir {run.directory}")
                 raise KeyboardInterrupt
-            epoch, window_in_epoch = divmod(state["window"], steps_per_epoch)
+            epoch, window_in_epoch = divmod(progress.window, optimisation.steps_per_epoch)
             if epoch not in epoch_batches:  # the same order on resume and on every rank: seed + epoch only
-                epoch_batches = {epoch: length_grouped_batches(lengths, global_batch, config.seed + epoch)}
+                epoch_batches = {epoch: length_grouped_batches(lengths, optimisation.global_batch, config.seed + epoch)}
             window = epoch_batches[epoch][window_in_epoch * config.grad_accum:(window_in_epoch + 1) * config.grad_accum]
-            micro_batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in rank_micro_batch(indices).items()}
-                             for indices in window]
+            micro_batches = [job.micro_batch(indices, labels, world) for indices in window]
             window_examples = sum(len(indices) for indices in window)
 
             started = time.perf_counter()
-            loss = distributed.total(accumulate_gradients(trained_model, micro_batches, autocast, scaler,
-                                                          window_examples, world.size), world)
-            stepped = optimizer_step(optimizer, scaler, config.max_grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            state["window"] += 1
-            state["train_seconds"] += time.perf_counter() - started
-            state["train_examples"] += window_examples
+            loss = distributed.total(accumulate_gradients(trained_model, micro_batches, optimisation.autocast,
+                                                          optimisation.scaler, window_examples, world.size), world)
+            stepped = optimizer_step(optimisation.optimizer, optimisation.scaler, config.max_grad_norm)
+            optimisation.optimizer.zero_grad(set_to_none=True)
+            progress.consumed_window(window_examples, time.perf_counter() - started)
             if not stepped:
-                state["skipped_steps"] += 1
-                state["skips_in_a_row"] += 1
-                state["records"].append({"kind": "skip", "step": state["step"], "window": state["window"],
-                                         "loss": loss, "scale": scaler.get_scale()})
-                limit = MAX_CONSECUTIVE_SKIPS if scaler.is_enabled() else 1
-                if state["skips_in_a_row"] >= limit:
-                    checkpoint_now()
-                    progress.close()
+                progress.skipped(loss, optimisation.scaler.get_scale())
+                if progress.skips_in_a_row >= (MAX_CONSECUTIVE_SKIPS if optimisation.scaler.is_enabled() else 1):
+                    save_training_state(run.directory, job.model, optimisation, progress, world)
+                    bar.close()
                     raise TrainingStopped(
-                        f"the loss or gradients were not finite in {state['skips_in_a_row']} window(s) in a row "
-                        f"at step {state['step']} (loss {loss}); stopped without applying them: lower --lr or "
-                        f"--max-grad-norm, or try --bf16; the best adapter so far and a checkpoint are in {output_dir}")
+                        f"the loss or gradients were not finite in {progress.skips_in_a_row} window(s) in a row "
+                        f"at step {progress.step} (loss {loss}); stopped without applying them: lower --lr or "
+                        f"--max-grad-norm, or try --bf16; the best adapter so far and a checkpoint are in "
+                        f"{run.directory}")
                 continue
-            scheduler.step()  # only after an applied step: a skipped step does not move the schedule
-            state["step"] += 1
-            state["skips_in_a_row"] = 0
-
-            throughput = state["train_examples"] / state["train_seconds"]  # all ranks' examples
-            lr = scheduler.get_last_lr()[0]
-            progress.update()
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{throughput:.1f}",
-                                 skipped=state["skipped_steps"])
-            if state["step"] % config.log_steps == 0:
-                state["records"].append({"kind": "train", "step": state["step"], "epoch": epoch, "loss": loss,
-                                         "lr": lr, "examples_per_s": throughput,
-                                         "skipped_steps": state["skipped_steps"]})
-                if not in_terminal:
-                    print(f"step {state['step']}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                          f"{throughput:.1f} ex/s, {state['skipped_steps']} skipped", flush=True)
-            if state["step"] % config.eval_steps == 0 or state["step"] == total_steps:
-                evaluate_and_keep_best()
-                checkpoint_now()
+            optimisation.scheduler.step()  # only after an applied step: a skipped step does not move the schedule
+            progress.stepped()
+            log_step(progress, optimisation, config, bar, epoch, loss)
+            if progress.step % config.eval_steps == 0 or progress.step == optimisation.total_steps:
+                evaluate_and_keep_best(run, job, optimisation, progress, world)
+                save_training_state(run.directory, job.model, optimisation, progress, world)
                 if on_evaluation is not None:
-                    on_evaluation(state["step"], state["records"][-1])
-    progress.close()
-    if state["stopped_early"]:
-        print(f"early stop at step {state['step']}: no {config.metric} improvement "
+                    on_evaluation(progress.step, progress.records[-1])
+    bar.close()
+    if progress.stopped_early:
+        print(f"early stop at step {progress.step}: no {config.metric} improvement "
               f"in {config.patience} evaluations")
-    return _finish(output_dir, config, splits, tokenizer, model, state, trainable, total,
-                   device, precision, autocast, world)
+    return finish(run, job, optimisation, progress, world)
+
+
+def log_step(progress: Progress, optimisation: Optimisation, config: TrainConfig, bar, epoch: int,
+             loss: float) -> None:
+    """The progress bar after every step; a record (and a plain line outside a terminal) every
+    ``--log-steps`` steps."""
+    lr = optimisation.scheduler.get_last_lr()[0]
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{progress.throughput:.1f}",
+                    skipped=progress.skipped_steps)
+    if progress.step % config.log_steps == 0:
+        progress.log_train(epoch, loss, lr)
+        if bar.disable:
+            print(f"step {progress.step}/{optimisation.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                  f"{progress.throughput:.1f} ex/s, {progress.skipped_steps} skipped", flush=True)
+
+
+def describe_run(run: Run, job: Job, optimisation: Optimisation, world: World) -> None:
+    """What runs where: folder, device, data, LoRA layers, the parameter table, the batch."""
+    config = run.config
+    print(f"run: {run.directory}  device: {world.device}  precision: {optimisation.precision}")
+    print(f"data: {len(job.train_ids)} train, {len(job.val_ids)} validation, {len(job.splits.test)} test rows")
+    print(f"LoRA on {len(job.wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in job.wrapped}))}); "
+          f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}")
+    if config.quantize_base is not None:
+        print(describe_quantized(job.model))
+    trainable, total = count_parameters(job.model)
+    print(parameter_table(job.model))
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
+          f"{world.size} process(es) = {optimisation.global_batch * config.grad_accum} examples per optimizer step")
+
+
+def adapter_config(config: TrainConfig, labels: list[str]) -> dict:
+    """What ``adapter_config.json`` records beside the LoRA settings: how to rebuild the base
+    model and its inputs (``predict.py`` reads it)."""
+    return {"base_model": _portable_model_name(config.model), "labels": labels, "max_length": config.max_length,
+            "clean": config.clean, "provenance": provenance(), "quantize_base": config.quantize_base,
+            "double_quant": config.double_quant}
 
 
 def _portable_model_name(name: str) -> str:
@@ -464,41 +378,38 @@ def _portable_model_name(name: str) -> str:
     return str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
 
 
-def _finish(output_dir, config, splits, tokenizer, model, state, trainable, total,
-            device, precision, autocast, world) -> dict:
+def finish(run: Run, job: Job, optimisation: Optimisation, progress: Progress, world: World) -> dict:
     """Restore the best adapter, evaluate it once on test, write summary, plots, misclassified."""
-    adapter_state = distributed.from_main(world, lambda: load_adapter(output_dir)[0])
-    load_lora_state_dict(model, {k: v.to(device) for k, v in adapter_state.items()})
+    config, device = run.config, world.device
+    adapter_state = distributed.from_main(world, lambda: load_adapter(run.directory)[0])
+    load_lora_state_dict(job.model, {k: v.to(device) for k, v in adapter_state.items()})
     test_metrics, test_labels = None, []
     if config.evaluate_test:
-        test_ids = tokenize(splits.test["text"], tokenizer, config.max_length)
-        test_labels = splits.test["label"].tolist()
-        test_metrics, probabilities = evaluate(model, test_ids, test_labels, 2 * config.batch_size,
-                                               tokenizer.pad_token_id, device, autocast, world)
-    best_eval = next(r for r in state["records"] if r["kind"] == "eval" and r["step"] == state["best_step"])
+        test_ids = tokenize(job.splits.test["text"], job.tokenizer, config.max_length)
+        test_labels = job.splits.test["label"].tolist()
+        test_metrics, probabilities = evaluate(job.model, test_ids, test_labels, 2 * config.batch_size,
+                                               job.pad_id, optimisation.autocast, world)
+    trainable, total = count_parameters(job.model)
     summary = {
-        "best_step": state["best_step"], "steps": state["step"], "skipped_steps": state["skipped_steps"],
-        "stopped_early": state["stopped_early"],
-        "metric": config.metric, "val": {k: v for k, v in best_eval.items() if k not in ("kind", "step")},
+        "best_step": progress.best_step, "steps": progress.step, "skipped_steps": progress.skipped_steps,
+        "stopped_early": progress.stopped_early, "metric": config.metric, "val": progress.best_evaluation(),
         "test": test_metrics, "trainable_parameters": trainable, "total_parameters": total,
-        "train_seconds": round(state["train_seconds"], 2),
-        "examples_per_second": round(state["train_examples"] / max(state["train_seconds"], 1e-9), 2),
-        "train_examples_seen": state["train_examples"], "test_rows": len(test_labels),
-        "device": str(device), "processes": world.size, "precision": precision,
+        "train_seconds": round(progress.train_seconds, 2), "examples_per_second": round(progress.throughput, 2),
+        "train_examples_seen": progress.train_examples, "test_rows": len(test_labels),
+        "device": str(device), "processes": world.size, "precision": optimisation.precision,
         "config": dataclasses.asdict(config), "provenance": provenance(),
     }
     if not world.is_main:
         return summary
-    (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-    report.write_jsonl(output_dir / METRICS_NAME, state["records"])
-    report.plot_history(state["records"], output_dir)
+    run_folder.write_summary(run.directory, summary, progress)
+    report.plot_history(progress.records, run.directory)
     if not config.evaluate_test:
         return summary
     probabilities = probabilities.numpy()
-    report.plot_test_errors(test_labels, probabilities.argmax(axis=1), splits.labels, output_dir)
-    report.misclassified_table(splits.test["text"].tolist(), test_labels, probabilities,
-                               splits.labels).to_csv(output_dir / "misclassified.csv", index=False)
-    skipped = f", {state['skipped_steps']} skipped steps" if state["skipped_steps"] else ""
+    report.plot_test_errors(test_labels, probabilities.argmax(axis=1), job.splits.labels, run.directory)
+    report.misclassified_table(job.splits.test["text"].tolist(), test_labels, probabilities,
+                               job.splits.labels).to_csv(run.directory / "misclassified.csv", index=False)
+    skipped = f", {progress.skipped_steps} skipped steps" if progress.skipped_steps else ""
     print(f"test: accuracy {test_metrics['accuracy']:.4f}, macro F1 {test_metrics['f1_macro']:.4f} "
-          f"({len(test_labels)} rows; best step {state['best_step']}{skipped}); results in {output_dir}")
+          f"({len(test_labels)} rows; best step {progress.best_step}{skipped}); results in {run.directory}")
     return summary

@@ -22,8 +22,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layer import LoRALinear
+from .quantize import QuantizedLinear
 
 INITS = ("lora", "pissa")  # inject_lora(init=...): zero B and Kaiming A, or pissa_init_
+DORA_NEEDS_FLOAT_BASE = ("DoRA needs the float base weight for its norms; it does not work with a "
+                         "quantized base (--quantize-base)")
 
 
 class DoRALinear(LoRALinear):
@@ -45,6 +48,8 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False):
+        if isinstance(base, QuantizedLinear):
+            raise ValueError(DORA_NEEDS_FLOAT_BASE)
         super().__init__(base, r, alpha, dropout, rslora)
         self.lora_magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device))
         self.reset_magnitude()
@@ -59,22 +64,16 @@ class DoRALinear(LoRALinear):
         with torch.no_grad():
             return torch.linalg.norm(weight + self.scaling * (self.lora_B @ self.lora_A), dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        if self.merged:
-            if self.training:
-                raise RuntimeError("LoRALinear is merged: call unmerge() before training")
-            return result
+    def update(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """``(W' - W) @ dropout(x)``, shape ``(*, out)`` (the formula in the class docstring)."""
         weight = self.base.weight.to(self.lora_A.dtype)
         scale = self.lora_magnitude / self.weight_norm(weight)
         dropped = self.dropout(x).to(self.lora_A.dtype)
         if self.training and isinstance(self.dropout, nn.Dropout):
             base_part = F.linear(dropped, weight)
         else:
-            base_part = result if self.base.bias is None else result - self.base.bias
-        lora_part = F.linear(F.linear(dropped, self.lora_A) * self.scaling, self.lora_B)
-        update = (scale - 1) * base_part + scale * lora_part
-        return result + update.to(result.dtype)
+            base_part = base_output if self.base.bias is None else base_output - self.base.bias
+        return (scale - 1) * base_part + scale * self.low_rank(dropped)
 
     def delta_weight(self) -> torch.Tensor:
         """``W' - W``, shape ``(out, in)``, float32, against the pretrained ``W`` even when merged.

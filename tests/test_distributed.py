@@ -54,12 +54,12 @@ def worker(rank: int, jobs: list[dict], results: str) -> None:
     a minute instead of waiting forever. ``train()`` then uses that group as it would use the
     one torchrun sets up."""
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
-    real_step, real_finish = training.accumulate_gradients, training._finish
+    real_step, real_finish = training.accumulate_gradients, training.finish
     for job in jobs:
         prefix = f"{results}/{job['name']}-rank{rank}"
 
         def finish(*args, prefix=prefix):
-            model = args[4]
+            model = args[1].model  # finish(run, job, ...)
             torch.save({k: v.detach().cpu() for k, v in lora_state_dict(model).items()}, f"{prefix}-final.pt")
             return real_finish(*args)
 
@@ -69,7 +69,7 @@ def worker(rank: int, jobs: list[dict], results: str) -> None:
                 signal.raise_signal(signal.SIGINT)
             return real_step(*args)
 
-        training._finish, training.accumulate_gradients = finish, interrupted
+        training.finish, training.accumulate_gradients = finish, interrupted
         dist.init_process_group("gloo", init_method=f"file://{results}/{job['name']}.store", rank=rank,
                                 world_size=2, timeout=PROCESS_GROUP_TIMEOUT)
         try:
@@ -79,7 +79,7 @@ def worker(rank: int, jobs: list[dict], results: str) -> None:
         except UsageError as error:
             outcome = {"error": str(error)}
         finally:
-            training._finish, training.accumulate_gradients = real_finish, real_step
+            training.finish, training.accumulate_gradients = real_finish, real_step
         assert not dist.is_initialized(), "train() must leave no process group behind"
         torch.save(outcome, f"{prefix}.pt")
 

@@ -165,7 +165,7 @@ def test_lora_settings_read_back():
 def test_lora_settings_reproduce_the_same_trainable_parameters():
     """Trainable modules below the top level (LayerNorm) must survive a read-back."""
     model = tiny_model(0)
-    inject_lora(model, trainable_modules=("classifier", "LayerNorm"))
+    inject_lora(model, r=8, alpha=16, trainable_modules=("classifier", "LayerNorm"))
     settings = lora_settings(model)
     again = tiny_model(0)
     inject_lora(again, settings["target_modules"], r=settings["r"], alpha=settings["alpha"],
@@ -287,7 +287,7 @@ def test_bad_hyperparameters_raise_and_leave_the_model_untouched(kwargs, match):
     model = tiny_model(0)
     saved = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        inject_lora(model, **kwargs)
+        inject_lora(model, **{"r": 8, "alpha": 16, **kwargs})
     assert_untouched(model, saved)
 
 
@@ -298,7 +298,7 @@ def test_targets_that_match_nothing_list_the_real_names(kwargs, where):
     model = tiny_model(0)
     saved = snapshot(model)
     with pytest.raises(ValueError) as error:
-        inject_lora(model, **kwargs)
+        inject_lora(model, **{"r": 8, "alpha": 16, **kwargs})
     message = str(error.value)
     for real in ("'query'", "'key'", "'value'", "'dense'", "'out_proj'"):
         assert real in message

@@ -12,15 +12,19 @@ import shlex
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from huggingface_hub import constants
 from packaging.requirements import Requirement
 
 import lora
+import lora.backbone as backbone
 import lora.cli.quickstart as quickstart
 from lora.cli.predict import run as predict_run
 from lora.cli.train import parse_args
@@ -92,10 +96,25 @@ def test_make_train_says_what_it_runs_and_passes_extra_flags_last(monkeypatch, c
                                        f"AG News): python train.py {' '.join(ran[0])}\n")
 
 
-def test_hub_probe_honours_hf_hub_offline(monkeypatch):
-    monkeypatch.setattr(quickstart.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(quickstart.urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed"))
-    assert quickstart.hub_reachable() is False
+def test_hub_probe_honours_hf_hub_offline_and_counts_any_answer_as_reachable(monkeypatch):
+    """One probe (lora.backbone.hub_reachable), used by make train and by train.py alike."""
+    assert quickstart.hub_reachable is backbone.hub_reachable
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed"))
+    assert backbone.hub_reachable() is False
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def answers(error):
+        def urlopen(*args, **kwargs):
+            raise error
+        return urlopen
+
+    monkeypatch.setattr(urllib.request, "urlopen", answers(urllib.error.HTTPError("url", 503, "busy", None, None)))
+    assert backbone.hub_reachable() is True  # it answered: reachable
+    monkeypatch.setattr(urllib.request, "urlopen", answers(urllib.error.URLError("no route")))
+    assert backbone.hub_reachable() is False
+    monkeypatch.setattr(urllib.request, "urlopen", answers(TimeoutError()))
+    assert backbone.hub_reachable() is False
 
 
 def test_the_demo_is_the_readme_offline_command():

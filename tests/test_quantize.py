@@ -185,7 +185,7 @@ def test_backward_keeps_no_dequantized_weight(scheme, double_quant):
 
 def test_quantized_model_keeps_no_weight_sized_tensor_for_backward(tiny_model_dir):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
-    inject_lora(model, ("query", "value"), r=4)
+    inject_lora(model, ("query", "value"), r=4, alpha=8)
     quantize_base(model, "nf4")
     ids = torch.randint(5, 50, (2, 12))
     saved = saved_for_backward(lambda: model(input_ids=ids).logits)
@@ -216,7 +216,7 @@ def test_quantized_model_logits_are_close_and_only_lora_and_head_get_gradients(
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     tokens = tiny_tokenizer()(list(toy_news(16)["text"]), padding=True, return_tensors="pt")
     float_logits = model(**tokens).logits
-    inject_lora(model, ("query", "value"), r=4)
+    inject_lora(model, ("query", "value"), r=4, alpha=8)
     names = quantize_base(model, scheme, double_quant)
     # All 12 encoder Linear layers (4 attention + 2 feed-forward, 2 layers), the head's
     # dense and out_proj not (they train), LoRA bases included.
@@ -242,7 +242,7 @@ def test_quantized_model_logits_are_close_and_only_lora_and_head_get_gradients(
 def test_lora_can_also_wrap_an_already_quantized_layer():
     model = tiny_model().requires_grad_(False)
     quantize_base(model, "int8")
-    inject_lora(model, ("query",), r=2)
+    inject_lora(model, ("query",), r=2, alpha=4)
     assert all(isinstance(module.base, Int8Linear) for _, module in lora_layers(model))
     assert lora_settings(model)["layers"] is None  # all layers: quantized Linears count as Linears
 
@@ -251,7 +251,7 @@ def test_lora_can_also_wrap_an_already_quantized_layer():
 def test_merge_of_a_quantized_base_equals_the_unmerged_quantized_model(tiny_model_dir, tmp_path,
                                                                        scheme, double_quant):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
-    inject_lora(model, ("query", "value"), r=4)
+    inject_lora(model, ("query", "value"), r=4, alpha=8)
     quantize_base(model, scheme, double_quant)
     for _, layer in lora_layers(model):
         with torch.no_grad():
@@ -274,7 +274,7 @@ def test_merge_of_a_quantized_base_equals_the_unmerged_quantized_model(tiny_mode
 def test_inspection_reads_the_dequantized_base(tiny_model_dir):
     from lora.inspection import adapter_stats, merge_gap
     model = load_classifier_model(str(tiny_model_dir), LABELS)
-    inject_lora(model, ("query", "value"), r=4)
+    inject_lora(model, ("query", "value"), r=4, alpha=8)
     quantize_base(model, "nf4")
     for _, layer in lora_layers(model):
         with torch.no_grad():
@@ -293,7 +293,7 @@ def test_layer_merge_on_a_quantized_base_points_to_merge_lora():
 
 def test_describe_quantized_counts_layers_weights_and_bits(tiny_model_dir):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
-    inject_lora(model, ("query",), r=2)
+    inject_lora(model, ("query",), r=2, alpha=4)
     quantize_base(model, "nf4", double_quant=True)
     # 2 layers x (4 x 32x32 + 2 x 32x64) = 16,384 weights; 64 KB in float32. Stored:
     # 8 x (512 + 16 + 4 + 4) + 4 x (1024 + 32 + 4 + 4) = 8,544 bytes = 4.172 bits a weight
@@ -319,7 +319,7 @@ def test_bad_scheme_and_models_without_linear_layers_are_one_line_errors():
 
 def inject_ready_tiny_model() -> nn.Module:
     model = tiny_model()
-    inject_lora(model, ("query",), r=2)
+    inject_lora(model, ("query",), r=2, alpha=4)
     return model
 
 

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-import lora.cli.search as search_cli
-from lora.cli.search import command_line, explicit_fields, main, run
+import lora.search_study as search_study
+from lora.cli.search import main, run
+from lora.cli.train import explicit_fields
+from lora.search_study import command_line
 from lora.model import count_parameters, inject_lora
 from lora.search_space import (LAYERS, TARGETS, OverBudget, ParameterCounter, build_space,
                                layer_indices, suggest)
@@ -38,7 +40,7 @@ def test_counts_from_shapes_equal_count_parameters_of_the_built_model(tiny_model
             for trainable in (("classifier",), ("classifier", "LayerNorm")):
                 model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
                 chosen = layer_indices(layers, 2)
-                inject_lora(model, targets, 3, 8.0, 0.0, trainable, chosen)
+                inject_lora(model, targets, r=3, alpha=8.0, trainable_modules=trainable, layers=chosen)
                 fixed, per_rank = counter.cost(targets, chosen, trainable)
                 assert fixed + 3 * per_rank == count_parameters(model)[0]
     # by hand: the head (32*32 + 32 + 32*4 + 4) and query, value of both layers at r = 3
@@ -94,21 +96,21 @@ def test_search_under_a_budget_survives_ctrl_c_and_writes_its_results(
     search_dir = tmp_path / "search"
     argv = ["--trials", "2", "--max-params", "6000", "--pruner", "none", "--search-dir", str(search_dir),
             "--", *train_flags(tiny_model_dir, toy_data_dir)]
-    real_train = search_cli.train
+    real_train = search_study.train
 
     def interrupted_in_the_second_trial(config, on_evaluation):
         if config.output_dir.endswith("trial-1"):
             raise KeyboardInterrupt
         return real_train(config, on_evaluation)
 
-    monkeypatch.setattr(search_cli, "train", interrupted_in_the_second_trial)
+    monkeypatch.setattr(search_study, "train", interrupted_in_the_second_trial)
     with pytest.raises(SystemExit) as stopped:
         run_argv(monkeypatch, argv)
     assert stopped.value.code == 130
     assert [t.state.name for t in load_study(search_dir).trials] == ["COMPLETE", "FAIL"]
     assert pd.read_csv(search_dir / "trials.csv").state.tolist() == ["complete", "failed"]
 
-    monkeypatch.setattr(search_cli, "train", real_train)
+    monkeypatch.setattr(search_study, "train", real_train)
     main(argv)  # the same command goes on to two trained trials
     assert [t.state.name for t in load_study(search_dir).trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     table = pd.read_csv(search_dir / "trials.csv")

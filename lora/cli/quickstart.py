@@ -9,29 +9,18 @@ on the AG News copy shipped in the package. One line says which job runs and why
 ``python train.py`` with the flags it prints.
 """
 import sys
-import urllib.request
 
 import torch
-from huggingface_hub import constants
 
+from lora.backbone import hub_reachable
 from lora.cli import train
+from lora.config import TrainConfig
 from lora.errors import run_command
 
-FULL_JOB = ["--r", "10", "--alpha", "64"]
+# The seeds' recipe: TrainConfig's defaults, spelled out so the printed command shows them.
+FULL_JOB = ["--r", str(TrainConfig.r), "--alpha", f"{TrainConfig.alpha:g}"]
 OFFLINE_DEMO = ["--model", "minilm", "--data", "bundled", "--clean", "--epochs", "2", "--lr", "1e-3",
                 "--trainable-modules", "classifier", "pooler", "--eval-steps", "25"]
-PROBE_TIMEOUT_S = 5
-
-
-def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """False under ``HF_HUB_OFFLINE=1``; else whether the hub answers a HEAD request in time."""
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
-    except OSError:  # no route, DNS failure, timeout, or an HTTP error status
-        return False
-    return True
 
 
 def choose_job(cuda: bool, hub: bool) -> tuple[list[str], str]:

@@ -8,11 +8,14 @@ Reads top to bottom: parse the flags into a TrainConfig, run the job in lora/tra
 import argparse
 
 from lora.backbone import require_hub_or_cache
-from lora.config import HIGHER_IS_BETTER, TrainConfig
+from lora.config import HIGHER_IS_BETTER, PRECISION_FLAGS, TrainConfig
 from lora.errors import run_command
+from lora.quantize import SCHEMES
+from lora.variants import INITS
 
 
-def parse_args(argv=None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, one per ``TrainConfig`` field (three for ``precision``), defaults from it."""
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     lora = parser.add_argument_group("LoRA")
@@ -23,15 +26,15 @@ def parse_args(argv=None) -> TrainConfig:
                       help="Linear modules to adapt, by last name component (default: %(default)s)")
     lora.add_argument("--layers", type=int, nargs="+", default=None,
                       help="only adapt these encoder layer indices (default: all)")
-    lora.add_argument("--quantize-base", choices=["none", "int8", "nf4"], default=defaults.quantize_base,
-                      help="store the frozen base Linear weights in 8 or 4 bits (QLoRA; see README) (default: %(default)s)")
+    lora.add_argument("--quantize-base", choices=SCHEMES, default=defaults.quantize_base,
+                      help="store the frozen base Linear weights in 8 or 4 bits (QLoRA; see README) (default: float)")
     lora.add_argument("--double-quant", action="store_true",
                       help="with --quantize-base nf4: store the block scales in 8 bits too (4.127 instead of 4.5 bits a weight)")
     lora.add_argument("--trainable-modules", nargs="*", default=list(defaults.trainable_modules),
                       help="modules trained in full, e.g. the new head (default: %(default)s)")
     lora.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     lora.add_argument("--dora", action="store_true", help="DoRA: a trainable magnitude per output row")
-    lora.add_argument("--init", choices=["lora", "pissa"], default=defaults.init,
+    lora.add_argument("--init", choices=INITS, default=defaults.init,
                       help="lora: B = 0, Kaiming A; pissa: top-r SVD of W, residual frozen (default: %(default)s)")
     lora.add_argument("--lora-plus-ratio", type=float, default=None,
                       help="LoRA+: lora_B learns at lr * RATIO, e.g. 16 (default: off)")
@@ -46,11 +49,10 @@ def parse_args(argv=None) -> TrainConfig:
     optim.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training split (default: %(default)s)")
     optim.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default: none)")
     precision = optim.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                           help="fp16 autocast + GradScaler (CUDA; the default there)")
-    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="bf16 autocast (CUDA or CPU)")
-    precision.add_argument("--no-amp", dest="precision", action="store_const", const="fp32",
-                           help="plain float32 (the default on CPU)")
+    meaning = {"fp16": "fp16 autocast + GradScaler (CUDA; the default there)", "bf16": "bf16 autocast (CUDA or CPU)",
+               "fp32": "plain float32 (the default on CPU)"}
+    for value, flag in PRECISION_FLAGS.items():
+        precision.add_argument(flag, dest="precision", action="store_const", const=value, help=meaning[value])
     optim.add_argument("--seed", type=int, default=defaults.seed, help="seed for data order and initialisation (default: %(default)s)")
     optim.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device, help="(default: %(default)s)")
 
@@ -77,12 +79,23 @@ def parse_args(argv=None) -> TrainConfig:
     data.add_argument("--val-size", type=float, default=defaults.val_size, help="share of train held out for validation (default: %(default)s)")
     data.add_argument("--max-length", type=int, default=defaults.max_length, help="truncate to N tokens (default: %(default)s)")
     data.add_argument("--clean", action="store_true", help="strip URLs, HTML, entities and source tags; drop extreme lengths from train")
-    args = parser.parse_args(argv)
-    values = vars(args)
-    values["target_modules"] = tuple(values["target_modules"])
-    values["trainable_modules"] = tuple(values["trainable_modules"])
-    values["layers"] = tuple(values["layers"]) if values["layers"] is not None else None
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    values = vars(build_parser().parse_args(argv))
+    for name in ("target_modules", "trainable_modules", "layers"):
+        values[name] = tuple(values[name]) if values[name] is not None else None
     return TrainConfig(**values)
+
+
+def explicit_fields(argv=None) -> set[str]:
+    """The ``TrainConfig`` fields whose flag is on the command line, even at its default value
+    (argparse's own parsing, prefixes included: defaults suppressed, what is left was given)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def main(argv=None) -> None:
@@ -93,7 +106,7 @@ def main(argv=None) -> None:
     if not config.resume:  # a resumed run checks the model and data it was started with
         require_hub_or_cache(config.model, config.data)
     from lora.training import train
-    train(config)
+    train(config, explicit=explicit_fields(argv))
 
 
 def run() -> None:
