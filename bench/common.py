@@ -102,7 +102,7 @@ class Setup:
     seq_len: int
     r: int = 10
     alpha: float = 64.0
-    quantize: str = "none"
+    quantize: str | None = None  # "int8", "nf4", "nf4+dq"
 
 
 def build_base_model(name: str) -> nn.Module:
@@ -121,7 +121,7 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
     if setup.variant == "ours":
         inject_lora(model, TARGET_MODULES, r=setup.r, alpha=setup.alpha, dropout=LORA_DROPOUT,
                     trainable_modules=("classifier",))
-        if setup.quantize != "none":
+        if setup.quantize is not None:
             scheme, _, double_quant = setup.quantize.partition("+")
             quantize_base(model, scheme, double_quant == "dq")
     elif setup.variant == "peft":

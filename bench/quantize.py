@@ -26,7 +26,7 @@ from lora.quantize import QuantizedLinear
 from lora.training import TrainConfig, train
 
 LORA = dict(r=TrainConfig.r, alpha=TrainConfig.alpha)  # the seeds' recipe
-VARIANTS = {"float32": "none", "int8": "int8", "nf4": "nf4", "nf4+dq": "nf4+dq"}
+VARIANTS = {"float32": None, "int8": "int8", "nf4": "nf4", "nf4+dq": "nf4+dq"}
 TARGET_NF4_BYTES = 0.16
 TARGET_ACCURACY_POINTS = 0.5
 # The README's demo recipe; the flags of each variant are added to it.
@@ -34,7 +34,7 @@ DEMO = dict(model="minilm", data="bundled", clean=True, epochs=2, lr=1e-3,
             trainable_modules=("classifier", "pooler"), eval_steps=25)
 DEMO_COMMAND = ("python train.py --model minilm --data bundled --clean --epochs 2 --lr 1e-3 "
                 "--trainable-modules classifier pooler --eval-steps 25")
-FLAGS = {"none": "", "int8": " --quantize-base int8", "nf4": " --quantize-base nf4",
+FLAGS = {None: "", "int8": " --quantize-base int8", "nf4": " --quantize-base nf4",
          "nf4+dq": " --quantize-base nf4 --double-quant"}
 
 
@@ -44,7 +44,7 @@ def weights_part(models) -> str:
     for name in models:
         stored = {}
         for variant, quantize in VARIANTS.items():
-            if quantize == "none":
+            if quantize is None:
                 continue
             model = common.build(Setup(name, "ours", 1, 1, quantize=quantize, **LORA))
             layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -103,8 +103,8 @@ def accuracy_part(args) -> str:
             path = args.accuracy_runs / variant.replace("+", "-") / "summary.json"
             summaries[variant] = json.loads(path.read_text())
         else:
-            scheme, _, double_quant = quantize.partition("+")
-            summaries[variant] = train(TrainConfig(**DEMO, quantize_base=scheme,
+            scheme, _, double_quant = (quantize or "").partition("+")
+            summaries[variant] = train(TrainConfig(**DEMO, quantize_base=scheme or None,
                                                    double_quant=double_quant == "dq",
                                                    max_steps=2 if args.quick else None,
                                                    output_dir=str(args.runs_dir / variant.replace("+", "-")),

@@ -2,9 +2,11 @@
 
     delta_W = (alpha / r) * B @ A        y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)
 
-``layer.py`` holds the math, ``variants.py`` DoRA, PiSSA and LoRA+, ``model.py`` puts it into a
-model, ``adapter.py`` saves it.
-Data, training and inference live in ``lora.data``, ``lora.training``, ``lora.inference``.
+``layer.py`` holds the math, ``variants.py`` DoRA, PiSSA and LoRA+, ``quantize.py`` the int8 / NF4
+base, ``model.py`` puts it into a model, ``adapter.py`` saves it.
+The training job starts at ``lora.training.train`` (the loop is ``_train``; its pieces are
+``config``, ``data``, ``progress``, ``run_folder``, ``checkpoint``, ``evaluation``, ``distributed``,
+``signals``); inference at ``lora.inference.load_classifier``. The README's file map lists them all.
 """
 __version__ = "0.3.0"  # the one place it is written: pyproject.toml reads it from here
 

@@ -265,3 +265,19 @@ def test_an_adapter_from_the_same_major_version_loads_silently(trained_run, tmp_
                                 f"{lora.__version__.split('.')[0]}.999.0")
     load_classifier(same, device="cpu")
     assert not [w for w in recwarn if "another major version" in str(w.message)]
+
+
+def test_the_code_keeps_its_shape():
+    """The redesign's promises (issue 18): no function in lora/ takes more than 7 positional
+    parameters, and the training job reads on about two screens."""
+    import ast
+    too_many, lengths = [], {}
+    for path in sorted((REPO / "lora").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > 7:
+                    too_many.append(f"{path.name}:{node.name}")
+                lengths[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert too_many == []
+    assert lengths["training.py:_train"] <= 90
