@@ -37,6 +37,7 @@ from .model import (count_parameters, inject_lora, load_lora_state_dict, lora_st
 from .quantize import describe_quantized
 from .provenance import provenance
 from .runtime import RUNS_DIR, autocast_context, batched_logits, deferred_interrupt, pick_device
+from .tensorboard import open_writer
 from .variants import lora_plus_groups
 
 CONFIG_NAME = "train_config.json"
@@ -305,6 +306,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
     if world.is_main and not config.resume:
         start_output_dir(output_dir, config)
     distributed.barrier(world)
+    board = open_writer(config.report_to, output_dir, config.resume, world.is_main)
     if world.distributed:
         torch.manual_seed(config.seed + world.rank)  # each rank its own dropout masks
     print(f"run: {output_dir}  device: {device}  precision: {precision}")
@@ -361,6 +363,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
         """Validation metrics; save the adapter when they improve; stop when patience runs out."""
         metrics, _ = evaluate(model, val_ids, val_labels, 2 * config.batch_size, pad_id, device, autocast, world)
         state["records"].append({"kind": "eval", "step": state["step"], **metrics})
+        board.log(state["records"][-1])
         improved = report.is_improvement(config.metric, metrics[config.metric], state["best"])
         if improved:
             state.update(best=metrics[config.metric], best_step=state["step"], bad_evals=0)
@@ -416,6 +419,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
                 state["skips_in_a_row"] += 1
                 state["records"].append({"kind": "skip", "step": state["step"], "window": state["window"],
                                          "loss": loss, "scale": scaler.get_scale()})
+                board.log(state["records"][-1])
                 limit = MAX_CONSECUTIVE_SKIPS if scaler.is_enabled() else 1
                 if state["skips_in_a_row"] >= limit:
                     checkpoint_now()
@@ -438,6 +442,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
                 state["records"].append({"kind": "train", "step": state["step"], "epoch": epoch, "loss": loss,
                                          "lr": lr, "examples_per_s": throughput,
                                          "skipped_steps": state["skipped_steps"]})
+                board.log(state["records"][-1])
                 if not in_terminal:
                     print(f"step {state['step']}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
                           f"{throughput:.1f} ex/s, {state['skipped_steps']} skipped", flush=True)
@@ -447,6 +452,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None) -> dict:
                 if on_evaluation is not None:
                     on_evaluation(state["step"], state["records"][-1])
     progress.close()
+    board.close()
     if state["stopped_early"]:
         print(f"early stop at step {state['step']}: no {config.metric} improvement "
               f"in {config.patience} evaluations")

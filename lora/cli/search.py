@@ -49,14 +49,14 @@ PRUNERS = {
     "none": lambda eval_steps: optuna.pruners.NopPruner(),
 }
 # Settings of a run that are not part of what a study searches, so may differ between workers.
-RUN_ONLY = ("output_dir", "resume", "overwrite", "device", "evaluate_test")
+RUN_ONLY = ("output_dir", "resume", "overwrite", "device", "evaluate_test", "report_to")
 
 
 def explicit_fields(train_argv: list[str]) -> set[str]:
     """The TrainConfig fields whose train.py flag is on the command line (unique prefixes too,
     as argparse allows): these settings are fixed, not searched."""
     flags = {"--" + f.name.replace("_", "-"): f.name for f in dataclasses.fields(TrainConfig)
-             if f.name not in ("precision", "evaluate_test")}
+             if f.name not in ("precision", "evaluate_test", "report_to")}
     flags.update({"--fp16": "precision", "--bf16": "precision", "--no-amp": "precision"})
     given = set()
     for token in train_argv:

@@ -62,6 +62,8 @@ def parse_args(argv=None) -> TrainConfig:
     evaluation.add_argument("--output-dir", default=None, help="run folder (default: runs/<timestamp>)")
     evaluation.add_argument("--resume", action="store_true", help="continue the run in --output-dir (default: the newest run) from its checkpoint")
     evaluation.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    evaluation.add_argument("--report-to", choices=["tensorboard"], default=None,
+                            help="also log every metric for TensorBoard, in the run folder (default: none)")
 
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", default=defaults.model,
