@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, BaseMismatch, apply_adapter, load_adapter, write_atomically
-from .backbone import load_classifier_model, load_tokenizer
+from .backbone import base_label_names, load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
 from .model import merge_lora, quantize_base, unmerge_lora
@@ -74,17 +74,20 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _peft_defaults(adapter_dir: Path, state: dict[str, torch.Tensor], config: dict) -> dict:
     """What a peft folder from elsewhere does not record: the label names (``id2label`` of a
-    ``config.json`` in the folder, else ``LABEL_0 ...`` as many as the head's smallest output
-    size) and the max length (None: the tokenizer's, at most ``PEFT_MAX_LENGTH``). Texts are
-    not cleaned."""
-    heads = [tensor.shape[0] for name, tensor in state.items()
-             if tensor.ndim == 2 and not name.endswith((".lora_A", ".lora_B"))]
-    labels = [f"LABEL_{i}" for i in range(min(heads))] if heads else []
+    ``config.json`` in the folder, else None: the base's, see ``load_classifier``) and the max
+    length (None: the tokenizer's, at most ``PEFT_MAX_LENGTH``). Texts are not cleaned."""
+    labels = None
     if (adapter_dir / "config.json").is_file():
         id2label = json.loads((adapter_dir / "config.json").read_text()).get("id2label") or {}
-        if len(id2label) == len(labels):
-            labels = [id2label[str(i)] for i in range(len(labels))]
-    return {"labels": labels, "max_length": None, "clean": False}
+        labels = [id2label[str(i)] for i in range(len(id2label))] or None
+    return {"labels": labels, "max_length": None, "clean": False, "num_labels": _head_size(state)}
+
+
+def _head_size(state: dict[str, torch.Tensor]) -> int:
+    """The number of labels of a saved head: the smallest output size of its weight matrices
+    (RoBERTa's head is ``dense`` (hidden, hidden) then ``out_proj`` (labels, hidden))."""
+    return min(tensor.shape[0] for name, tensor in state.items()
+               if tensor.ndim == 2 and not name.endswith((".lora_A", ".lora_B")))
 
 
 def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge: bool = True,
@@ -125,6 +128,10 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
     device = pick_device(device)
     tokenizer = load_tokenizer(base)
     config["max_length"] = config["max_length"] or min(tokenizer.model_max_length, PEFT_MAX_LENGTH)
+    if config["labels"] is None:  # a peft adapter: the base's label names when they fit its head
+        names = base_label_names(base)
+        config["labels"] = names if len(names) == config["num_labels"] else [
+            f"LABEL_{i}" for i in range(config["num_labels"])]
     model = load_classifier_model(base, config["labels"])
     try:
         apply_adapter(model, state, config, force=force)
