@@ -7,8 +7,9 @@ head in modules_to_save), config.json (the base model's config with this adapter
 names: transformers' id2label / label2id) and lora_extras.json (what peft's config has no
 field for; predict.py and inspect_lora.py read it back). Then, in Python:
 
-    config = AutoConfig.from_pretrained("exported/minilm")
-    base = AutoModelForSequenceClassification.from_pretrained(config.name_or_path... )
+    base_name = PeftConfig.from_pretrained("exported/minilm").base_model_name_or_path
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_name, config=AutoConfig.from_pretrained("exported/minilm"))
     model = PeftModel.from_pretrained(base, "exported/minilm")
 
 (see the README, "With peft and the Hub"). Reads top to bottom: read the adapter, map it,
