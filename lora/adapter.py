@@ -78,17 +78,19 @@ def apply_adapter(model: nn.Module, state: dict[str, torch.Tensor], config: dict
     """Inject LoRA into a fresh base ``model`` as ``config`` says and load ``state`` into it.
 
     Raises:
-        BaseMismatch: ``config`` records a ``base_fingerprint`` and the weights of ``model``'s
-        adapted modules hash to another one (unless ``force``). An adapter without one loads.
-        ValueError: the adapter does not fit the model (``load_lora_state_dict``).
+        ValueError: the adapter does not fit the model (``load_lora_state_dict``: other modules
+        or shapes).
+        BaseMismatch: it fits, but ``config`` records a ``base_fingerprint`` and the weights of
+        ``model``'s adapted modules hash to another one (unless ``force``). An adapter without
+        one loads.
     """
     names = inject_lora(model, target_modules=config["target_modules"], r=config["r"],
                         alpha=config["alpha"], dropout=config.get("dropout", 0.0),
                         trainable_modules=config.get("trainable_modules", ()),
                         layers=config.get("layers"), rslora=config.get("rslora", False),
                         dora=config.get("dora", False))
+    load_lora_state_dict(model, state)  # first: another shape is named as such
     expected, found = config.get("base_fingerprint"), getattr(model, "lora_base_fingerprint", None)
     if expected and expected != found and not force:
         raise BaseMismatch(expected, found)
-    load_lora_state_dict(model, state)
     return names
