@@ -3,7 +3,7 @@
     delta_W = (alpha / r) * B @ A        y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)
 
 ``layer.py`` holds the math, ``variants.py`` DoRA, PiSSA and LoRA+, ``model.py`` puts it into a
-model, ``adapter.py`` saves it.
+model, ``adapter.py`` saves it, ``peft_format.py`` writes and reads it in Hugging Face peft's format.
 Data, training and inference live in ``lora.data``, ``lora.training``, ``lora.inference``.
 """
 __version__ = "0.3.0"  # the one place it is written: pyproject.toml reads it from here

@@ -9,15 +9,16 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from conftest import LABELS, tiny_tokenizer
+from conftest import LABELS, tiny_model, tiny_tokenizer
 from lora import inject_lora, lora_layers, save_adapter
 from lora.backbone import load_classifier_model
 from lora.cli.export import main as export_main
 from lora.cli.inspect_lora import main as inspect_main
 from lora.cli.predict import main as predict_main
-from lora.errors import run_command
+from lora.errors import UsageError, run_command
 from lora.inference import load_classifier
 from lora.peft_format import NotMappable, from_peft
+from lora.training import TrainConfig, train
 
 TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
          "New chip for online research", ""]
@@ -102,6 +103,26 @@ def test_an_exported_adapter_gives_in_peft_the_logits_of_predict(targets, layers
     torch.testing.assert_close(our_logits(run), expected, **TOLERANCE)
     # And back: the exported folder reads as the adapter it came from, fingerprint included.
     torch.testing.assert_close(our_logits(tmp_path / "peft"), expected, **TOLERANCE)
+
+
+@pytest.mark.timeout(120)
+def test_a_trained_run_exports_and_peft_gives_its_logits(tiny_model_dir, toy_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(tiny_model_dir), data=str(toy_data_dir), output_dir=str(run), r=4, alpha=8.0,
+                      rslora=True, target_modules=("query", "key", "value"), lr=5e-3, batch_size=16,
+                      grad_accum=1, max_steps=6, eval_steps=3, max_length=32, evaluate_test=False))
+    export_main([str(run), str(tmp_path / "peft")])
+    with torch.no_grad():
+        expected = peft_classifier(tmp_path / "peft")(**token_batch()).logits
+    torch.testing.assert_close(our_logits(run), expected, **TOLERANCE)
+    extras = json.loads((tmp_path / "peft" / "lora_extras.json").read_text())
+    assert extras["labels"] == LABELS and extras["max_length"] == 32 and len(extras["base_fingerprint"]) == 16
+
+    other = tmp_path / "other-base"  # the same shape, other weights: refused with the exported fingerprint
+    tiny_model(5).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    with pytest.raises(UsageError, match=f"\\(fingerprint {extras['base_fingerprint']}\\), not on base '{other}'"):
+        load_classifier(tmp_path / "peft", "cpu", base_model=str(other))
 
 
 def peft_trained_folder(model_dir, directory, dora=False) -> tuple[torch.nn.Module, str]:
