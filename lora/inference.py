@@ -27,7 +27,7 @@ from .backbone import base_label_names, load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
 from .model import merge_lora, quantize_base, unmerge_lora
-from .peft_format import is_peft_folder, load_peft_adapter
+from .peft_format import NotMappable, is_peft_folder, load_peft_adapter
 from .provenance import version_warning
 from .runtime import RUNS_DIR, batched_logits, pick_device
 
@@ -63,8 +63,10 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
             state, config = load_peft_adapter(adapter_dir)
             return state, {**_peft_defaults(adapter_dir, state, config), **config}
         state, config = load_adapter(adapter_dir)
+    except NotMappable as error:
+        raise UsageError(f"{adapter_dir}: {error}") from None
     except (OSError, ValueError, SafetensorError) as error:
-        raise UsageError(f"{adapter_dir}: {str(error).splitlines()[0]}") from None
+        raise UsageError(str(error).splitlines()[0]) from None
     missing = [key for key in REQUIRED_CONFIG if key not in config]
     if missing:
         raise UsageError(f"{adapter_dir / CONFIG_NAME} has no {', '.join(missing)}; "

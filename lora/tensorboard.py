@@ -9,6 +9,7 @@ run per run folder (for ``search.py``, one per trial).
 
 TensorBoard is optional: ``torch.utils.tensorboard`` is imported only when asked for.
 """
+import importlib
 from pathlib import Path
 
 from .errors import UsageError
@@ -24,7 +25,7 @@ def check_report_to(report_to: str | None) -> None:
     if report_to not in REPORT_TO:
         raise UsageError(f"--report-to must be one of {list(REPORT_TO)}, got {report_to!r}")
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        importlib.import_module("torch.utils.tensorboard")
     except ImportError:
         raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
                          "(or pip install -e \".[tensorboard]\")") from None

@@ -18,10 +18,11 @@ write the folder.
 import argparse
 from pathlib import Path
 
+from lora.adapter import WEIGHTS_NAME
 from lora.backbone import load_model_config, resolve_model
 from lora.errors import UsageError, run_command
 from lora.inference import read_adapter
-from lora.peft_format import save_peft_adapter
+from lora.peft_format import is_peft_folder, save_peft_adapter
 
 
 def main(argv=None) -> None:
@@ -36,6 +37,8 @@ def main(argv=None) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file")
 
+    if is_peft_folder(run_dir) and not (run_dir / WEIGHTS_NAME).is_file():
+        raise UsageError(f"{run_dir} is a peft adapter already; predict.py and inspect_lora.py read it as it is")
     state, config = read_adapter(run_dir)
     base = resolve_model(config["base_model"])  # an alias (minilm) becomes its folder
     model_config = load_model_config(base, config["labels"])  # the base's config, our label names
