@@ -3,7 +3,8 @@
     delta_W = (alpha / r) * B @ A        y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)
 
 ``layer.py`` holds the math, ``variants.py`` DoRA, PiSSA and LoRA+, ``quantize.py`` the int8 / NF4
-base, ``model.py`` puts it into a model, ``adapter.py`` saves it.
+base, ``model.py`` puts it into a model, ``adapter.py`` saves it, ``peft_format.py``
+writes and reads it in Hugging Face peft's format.
 The training job starts at ``lora.training.train`` (the loop is ``_train``; its pieces are
 ``config``, ``data``, ``progress``, ``run_folder``, ``checkpoint``, ``evaluation``, ``distributed``,
 ``signals``); inference at ``lora.inference.load_classifier``. The README's file map lists them all.

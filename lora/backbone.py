@@ -103,6 +103,13 @@ def load_model_config(name: str, labels: list[str]):
                  id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
 
 
+def base_label_names(name: str) -> list[str]:
+    """The label names in model ``name``'s own config (``id2label``, in index order)."""
+    from transformers import AutoConfig
+    config = _load(AutoConfig.from_pretrained, name)
+    return [config.id2label[i] for i in range(len(config.id2label))]
+
+
 def load_classifier_model(name: str, labels: list[str]):
     """``AutoModelForSequenceClassification`` for ``name`` with a fresh head over ``labels``."""
     from transformers import AutoModelForSequenceClassification

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from .errors import UsageError
 from .layer import check_lora_hyperparameters
 from .quantize import SCHEMES
+from .tensorboard import check_report_to
 from .variants import DORA_NEEDS_FLOAT_BASE, INITS
 
 # The validation metrics a run can select on, and whether higher is better.
@@ -62,6 +63,7 @@ class TrainConfig:
     quantize_base: str | None = None  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
     double_quant: bool = False  # nf4 only: the block absmax values in 8 bits too
     evaluate_test: bool = True  # False: stop after training (search.py ranks trials on validation)
+    report_to: str | None = None  # "tensorboard": the metric records as event files in the run folder
 
     def check(self) -> None:
         """Raise ``UsageError`` for impossible settings, before anything is loaded or written."""
@@ -102,6 +104,7 @@ class TrainConfig:
             raise UsageError("--resume auto needs --output-dir: the folder to continue, or to start in")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues a run and --overwrite replaces it: pass one of them")
+        check_report_to(self.report_to)
         try:
             check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         except ValueError as error:

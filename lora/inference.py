@@ -5,10 +5,14 @@
     classify(model, tokenizer, ["Team wins the cup", "New chip"])     # -> ["Sports", "Sci/Tech"]
     predict_proba(model, tokenizer, texts)                            # (N, num_labels) numpy
 
-``load_classifier`` leaves the adapter's config on the model as ``model.adapter_config``, and
+``load_classifier`` reads our run folders and peft LoRA folders of sequence classifiers
+(``lora/peft_format.py``), refuses an adapter whose base weights differ from those it was
+trained on (``base_fingerprint``) unless ``force``, and leaves the adapter's config on the
+model as ``model.adapter_config``, and
 the prediction functions read from it what training did to the text before tokenising
 (``clean``) and how long inputs were (``max_length``): inference sees text as training did.
 """
+import json
 import os
 import warnings
 from pathlib import Path
@@ -18,15 +22,16 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter
-from .io import write_atomically
-from .backbone import load_classifier_model, load_tokenizer
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, BaseMismatch, apply_adapter, load_adapter
+from .backbone import base_label_names, load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
 from .model import merge_lora, quantize_base, unmerge_lora
+from .peft_format import NotMappable, is_peft_folder, load_peft_adapter
 from .provenance import version_warning
 from .device import pick_device
 from .evaluation import batched_logits
+from .io import write_atomically
 from .run_folder import RUNS_DIR
 
 # What a merge is checked on when the caller gives no texts: short, long, empty.
@@ -39,6 +44,8 @@ CHECK_TEXTS = [
 # Merged and unmerged probabilities may differ by float rounding, never by more than this.
 MERGE_TOLERANCE = 1e-3
 REQUIRED_CONFIG = ("base_model", "labels", "max_length", "r", "alpha", "target_modules")
+# A peft adapter that records no max length reads at most this many tokens (roberta-base's limit).
+PEFT_MAX_LENGTH = 512
 
 
 def latest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
@@ -51,10 +58,16 @@ def latest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
     return max(runs, key=lambda d: d.stat().st_mtime)
 
 
-def _read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """``load_adapter`` with every problem (missing or unreadable file, missing key) as a UsageError."""
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``load_adapter`` (or ``load_peft_adapter`` for a peft folder) with every problem (missing
+    or unreadable file, missing key, a peft adapter we cannot map) as a UsageError."""
     try:
+        if is_peft_folder(adapter_dir) and not (adapter_dir / WEIGHTS_NAME).is_file():
+            state, config = load_peft_adapter(adapter_dir)
+            return state, {**_peft_defaults(adapter_dir, state, config), **config}
         state, config = load_adapter(adapter_dir)
+    except NotMappable as error:
+        raise UsageError(f"{adapter_dir}: {error}") from None
     except (OSError, ValueError, SafetensorError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
     missing = [key for key in REQUIRED_CONFIG if key not in config]
@@ -64,17 +77,39 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, config
 
 
+def _peft_defaults(adapter_dir: Path, state: dict[str, torch.Tensor], config: dict) -> dict:
+    """What a peft folder from elsewhere does not record: the label names (``id2label`` of a
+    ``config.json`` in the folder, else None: the base's, see ``load_classifier``) and the max
+    length (None: the tokenizer's, at most ``PEFT_MAX_LENGTH``). Texts are not cleaned."""
+    labels = None
+    if (adapter_dir / "config.json").is_file():
+        id2label = json.loads((adapter_dir / "config.json").read_text()).get("id2label") or {}
+        labels = [id2label[str(i)] for i in range(len(id2label))] or None
+    return {"labels": labels, "max_length": None, "clean": False, "num_labels": _head_size(state)}
+
+
+def _head_size(state: dict[str, torch.Tensor]) -> int:
+    """The number of labels of a saved head: the smallest output size of its weight matrices
+    (RoBERTa's head is ``dense`` (hidden, hidden) then ``out_proj`` (labels, hidden))."""
+    return min(tensor.shape[0] for name, tensor in state.items()
+               if tensor.ndim == 2 and not name.endswith((".lora_A", ".lora_B")))
+
+
 def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge: bool = True,
-                    check_texts: list[str] | None = None):
+                    check_texts: list[str] | None = None, base_model: str | None = None,
+                    force: bool = False):
     """The adapter's base model with the adapter applied, in eval mode on ``device``.
 
     Args:
-        adapter_dir: a folder written by ``save_adapter`` (a run folder of ``train.py``).
+        adapter_dir: a folder written by ``save_adapter`` (a run folder of ``train.py``), or a
+            peft LoRA folder of a sequence classifier (head in ``modules_to_save``).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         merge: fold every LoRA update into its base weight: inference then costs what the
             base model costs. The merge is checked on ``check_texts`` (default: a few built-in
             headlines); if merged predictions differ from unmerged ones (or merging would put
             NaN in a weight) the model stays unmerged and a warning says so.
+        base_model: the base to load instead of the one the adapter names (hub id or folder).
+        force: load the adapter even onto base weights other than those it was trained on.
 
     The base is quantized as the adapter's config records (``quantize_base``, ``double_quant``),
     so the adapter meets the weights it was trained against; merged, it is then a float model
@@ -84,23 +119,35 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
         ``(model, tokenizer)``; ``model.adapter_config`` holds the adapter's config.
 
     Raises:
-        UsageError: a missing or unreadable adapter, or one that does not fit its base model
-        (other target modules, other shapes, another number of labels).
+        UsageError: a missing or unreadable adapter, one that does not fit its base model
+        (other target modules, other shapes, another number of labels), a peft adapter we
+        cannot map, or other base weights than the adapter's (unless ``force``).
     """
     adapter_dir = Path(adapter_dir)
-    state, config = _read_adapter(adapter_dir)
+    state, config = read_adapter(adapter_dir)
     if warning := version_warning(config):
         warnings.warn(warning, stacklevel=2)
+    base = base_model or config["base_model"]
+    if base is None:
+        raise UsageError(f"adapter {adapter_dir} names no base model (base_model_name_or_path); give one")
     device = pick_device(device)
-    tokenizer = load_tokenizer(config["base_model"])
-    model = load_classifier_model(config["base_model"], config["labels"])
+    tokenizer = load_tokenizer(base)
+    config["max_length"] = config["max_length"] or min(tokenizer.model_max_length, PEFT_MAX_LENGTH)
+    if config["labels"] is None:  # a peft adapter: the base's label names when they fit its head
+        names = base_label_names(base)
+        config["labels"] = names if len(names) == config["num_labels"] else [
+            f"LABEL_{i}" for i in range(config["num_labels"])]
+    model = load_classifier_model(base, config["labels"])
     try:
-        apply_adapter(model, state, config)
+        apply_adapter(model, state, config, force=force)
         if config.get("quantize_base") not in (None, "none"):  # the base it was trained on ("none": old files)
             quantize_base(model, config["quantize_base"], config.get("double_quant", False))
+    except BaseMismatch as mismatch:
+        raise UsageError(f"adapter {adapter_dir} was trained on base {config['base_model']!r} (fingerprint "
+                         f"{mismatch.expected}), not on base {base!r} (fingerprint {mismatch.found}); "
+                         "--force (force=True) loads it anyway") from None
     except (ValueError, TypeError) as error:
-        raise UsageError(f"adapter {adapter_dir} does not fit base model "
-                         f"{config['base_model']!r}: {error}") from None
+        raise UsageError(f"adapter {adapter_dir} does not fit base model {base!r}: {error}") from None
     model.adapter_config = config
     model.to(device).eval()
     if merge:

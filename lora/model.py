@@ -4,6 +4,7 @@
 freezes everything else but the modules that must train from scratch (the classifier head).
 ``quantize_base`` then stores every frozen ``nn.Linear`` in 8 or 4 bits (QLoRA).
 """
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -138,6 +139,7 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         raise ValueError(f"no parameter lies in the trainable module(s) {absent}; this model's top-level "
                          f"modules are {sorted({n.split('.')[0] for n in parameter_names})}")
 
+    model.lora_base_fingerprint = base_fingerprint(model, matches)  # before PiSSA changes W
     model.requires_grad_(False)
     layer_class = DoRALinear if dora else LoRALinear
     for name in matches:
@@ -149,6 +151,33 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
         if _is_under(name, trainable):
             parameter.requires_grad_(True)
     return matches
+
+
+@torch.no_grad()
+def base_fingerprint(model: nn.Module, module_names: Iterable[str]) -> str | None:
+    """A short hash of the pretrained weights an adapter is added to: 16 hex digits of the
+    SHA-256 over each named module's name, weight and bias (as float32 bytes, in the order
+    given). ``inject_lora`` takes it before PiSSA or quantization change the weights, so an
+    adapter records the float base it was trained on, and a loader can tell another base apart.
+
+    The bytes are hashed where the weights are (no copy for float32 on the CPU); for
+    roberta-base's query and value layers (24 matrices 768 x 768) that is 57 MB of SHA-256.
+    Returns None for a model on the meta device (shapes only: nothing to hash) and for a base
+    quantized already (the float weights it was built from are gone).
+    """
+    digest = hashlib.sha256()
+    for name in module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, QuantizedLinear):
+            return None
+        digest.update(name.encode())
+        for tensor in (module.weight, module.bias):
+            if tensor is None:
+                continue
+            if tensor.is_meta:
+                return None
+            digest.update(tensor.detach().float().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

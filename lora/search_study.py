@@ -31,7 +31,7 @@ PRUNERS = {
     "none": lambda eval_steps: optuna.pruners.NopPruner(),
 }
 # Settings of a run that are not part of what a study searches, so may differ between workers.
-RUN_ONLY = ("output_dir", "resume", "overwrite", "device", "evaluate_test")
+RUN_ONLY = ("output_dir", "resume", "overwrite", "device", "evaluate_test", "report_to")
 
 
 def command_line(config: TrainConfig) -> str:

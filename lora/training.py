@@ -34,6 +34,7 @@ from .provenance import provenance
 from .quantize import describe_quantized
 from .run_folder import Run, restore_training_state, save_training_state
 from .signals import graceful_stop
+from .tensorboard import open_writer
 from .variants import lora_plus_groups
 
 # fp16: this many skipped steps in a row means the loss itself is not finite: stop the run.
@@ -287,8 +288,10 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
     bar = tqdm(total=optimisation.total_steps, initial=progress.step, desc="training", unit="step",
                disable=not in_terminal)
     epoch_batches = {}
-    with graceful_stop() as stop:
+    board = open_writer(config.report_to, run.directory, progress.records, run.checkpoint is not None, world.is_main)
+    with graceful_stop() as stop, board:
         while progress.step < optimisation.total_steps and not progress.stopped_early:
+            board.log_new()  # TensorBoard: the records of the last step (all that are left, on any exit)
             if distributed.any_rank(stop.requested, world):  # every rank stops at the same step
                 save_training_state(run.directory, job.model, optimisation, progress, world)
                 bar.close()

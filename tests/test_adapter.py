@@ -80,7 +80,9 @@ def test_config_contents(tmp_path):
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config == {"r": 4, "alpha": 8, "dropout": 0.1, "rslora": False, "dora": False,
                       "target_modules": ["query", "value"], "layers": [0],
-                      "trainable_modules": ["classifier"], **CALLER}
+                      "trainable_modules": ["classifier"],
+                      "base_fingerprint": model.lora_base_fingerprint, **CALLER}
+    assert len(config["base_fingerprint"]) == 16
     assert load_adapter(tmp_path)[1] == config
 
 

@@ -136,7 +136,7 @@ def load_launcher(path: Path):
 
 def test_console_entry_points_are_the_functions_the_scripts_call():
     scripts = PYPROJECT["project"]["scripts"]
-    assert set(scripts) == {"lora-train", "lora-predict", "lora-inspect", "lora-search"}
+    assert set(scripts) == {"lora-train", "lora-predict", "lora-inspect", "lora-search", "lora-export"}
     launchers = set()
     for target in scripts.values():
         module_name, function_name = target.split(":")

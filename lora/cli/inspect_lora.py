@@ -1,6 +1,7 @@
 """Look inside a trained LoRA adapter: what it changed, by how much, in how many directions.
 
     python inspect_lora.py --adapter runs/minilm [--plot runs/minilm/lora_updates.png]
+    python inspect_lora.py --adapter exported/minilm       # a peft LoRA folder works too
 
 Prints the parameter accounting (r * (in + out) per layer), then per adapted layer the size of
 ``delta_W = (alpha / r) * B @ A`` against the pretrained ``W``, its singular values, and the
@@ -60,11 +61,15 @@ def plot_stats(stats, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", help="run folder (default: the newest under runs/)")
+    parser.add_argument("--adapter", help="run folder or peft LoRA folder (default: the newest run under runs/)")
+    parser.add_argument("--base", help="base model to load instead of the one the adapter names (hub id or folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="load the adapter even onto base weights other than those it was trained on")
     parser.add_argument("--plot", help="PNG to draw (default: <adapter>/lora_updates.png)")
     args = parser.parse_args(argv)
     adapter_dir = Path(args.adapter) if args.adapter else latest_run()
-    model, tokenizer = load_classifier(adapter_dir, device="cpu", merge=False)
+    model, tokenizer = load_classifier(adapter_dir, device="cpu", merge=False, base_model=args.base,
+                                       force=args.force)
 
     print(parameter_table(model), end="\n\n")
     stats = adapter_stats(model)

@@ -29,8 +29,12 @@ CHECK_ROWS = 16  # the merge is checked on this many input texts
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", help="run folder with adapter.safetensors and adapter_config.json "
-                                          "(default: the newest such folder under runs/)")
+    parser.add_argument("--adapter", help="run folder with adapter.safetensors and adapter_config.json, or a "
+                                          "peft LoRA folder of a sequence classifier "
+                                          "(default: the newest run folder under runs/)")
+    parser.add_argument("--base", help="base model to load instead of the one the adapter names (hub id or folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="load the adapter even onto base weights other than those it was trained on")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", help="texts to classify: CSV (a 'text' column, or 'title' + 'description', "
                                         "or the headerless AG News layout), JSONL, Parquet, a pickled pandas "
@@ -79,10 +83,10 @@ def main(argv=None) -> None:
     frame, source = read_inputs(args)
     texts = frame["text"].tolist()
     model, tokenizer = load_classifier(adapter_dir, args.device, merge=not args.no_merge,
-                                       check_texts=texts[:CHECK_ROWS])
+                                       check_texts=texts[:CHECK_ROWS], base_model=args.base, force=args.force)
     labels = model.adapter_config["labels"]
     truth = encode_labels(frame, labels, source)["label"] if "label" in frame.columns else None
-    print(f"adapter {adapter_dir} (base {model.adapter_config['base_model']}), "
+    print(f"adapter {adapter_dir} (base {args.base or model.adapter_config['base_model']}), "
           f"input {source}: {len(texts)} rows", file=sys.stderr)
 
     # Predict: sorted by length for dynamic padding, returned in input order.

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
 
     # The space: the budget and the fixed flags decide what is left to search.
     labels = load_splits(base.data, base.val_size, base.seed, base.clean).labels
-    fixed = explicit_fields(train_argv)
+    fixed = explicit_fields(train_argv) - set(RUN_ONLY)  # settings of a run, not of the search
     space = build_space(base, fixed, ParameterCounter(base.model, labels), args.max_params)
     definition = {**{k: v for k, v in dataclasses.asdict(base).items() if k not in RUN_ONLY},
                   "fixed_flags": sorted(fixed), "max_params": args.max_params}

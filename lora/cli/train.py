@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "'--resume auto': continue it if it has a checkpoint, else start it there "
                                  "(for torchrun --max-restarts)")
     evaluation.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    evaluation.add_argument("--report-to", choices=["tensorboard"], default=None,
+                            help="also log every metric for TensorBoard, in the run folder (default: none)")
 
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", default=defaults.model,
