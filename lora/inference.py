@@ -48,7 +48,7 @@ def latest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
     return max(runs, key=lambda d: d.stat().st_mtime)
 
 
-def _read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``load_adapter`` with every problem (missing or unreadable file, missing key) as a UsageError."""
     try:
         state, config = load_adapter(adapter_dir)
@@ -85,7 +85,7 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
         (other target modules, other shapes, another number of labels).
     """
     adapter_dir = Path(adapter_dir)
-    state, config = _read_adapter(adapter_dir)
+    state, config = read_adapter(adapter_dir)
     if warning := version_warning(config):
         warnings.warn(warning, stacklevel=2)
     device = pick_device(device)

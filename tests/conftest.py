@@ -149,3 +149,24 @@ def assert_gradients_match_peft(ours, theirs) -> None:
                                        rtol=1e-4, atol=1e-7, msg=name)
         else:
             assert parameter.grad is None, name
+
+
+def random_adapter(model_dir, directory, labels=LABELS, targets=("query", "value"), r=4, alpha=8.0,
+                   seed=0, max_length=16, clean=False, **inject):
+    """Save a LoRA adapter for the model in ``model_dir`` whose B matrices, DoRA magnitudes and
+    head over ``labels`` are random (so that it matters), as ``train.py`` would write it;
+    ``inject``: more ``inject_lora`` arguments (``dora``, ``init="pissa"``, ``rslora``). Returns the folder."""
+    from lora import inject_lora, lora_layers, save_adapter
+    from lora.backbone import load_classifier_model
+    torch.manual_seed(seed)
+    model = load_classifier_model(str(model_dir), list(labels))
+    inject_lora(model, targets, r=r, alpha=alpha, **inject)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=0.5)
+            if hasattr(layer, "lora_magnitude"):
+                layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
+        for parameter in model.classifier.parameters():
+            parameter.normal_(std=0.5)
+    return save_adapter(directory, model, {"base_model": str(model_dir), "labels": list(labels),
+                                           "max_length": max_length, "clean": clean})
