@@ -104,10 +104,10 @@ class AdapterSet:
             the set is then empty.
         """
         with self._lock:
-            self.adapters, self._index = {}, {}
             try:
                 self.model.set_adapters([weights for _, weights in adapters])
             except ValueError as error:
+                self.adapters, self._index = {}, {}
                 raise UsageError(f"adapters do not fit base model {self.base_model!r}: {error}") from None
             self.adapters = {adapter.name: adapter for adapter, _ in adapters}
             self._index = {adapter.name: index for index, (adapter, _) in enumerate(adapters)}
@@ -211,3 +211,54 @@ def adapter_folders(root: str | os.PathLike) -> tuple[dict[str, Path], dict[str,
             continue
         found[entry.name] = entry
     return found, refused
+
+
+class AdapterDirectory:
+    """A folder whose sub-folders are adapters, served by name on one base: the base that
+    ``base_model`` names, else the one the first adapter (in name order) was trained on.
+    ``reload`` reads the folder again: new sub-folders are served, removed ones dropped,
+    changed ones read anew; a sub-folder that cannot be served is listed in ``refused``.
+
+    Raises (on construction):
+        UsageError: no such folder, or neither an adapter in it nor ``base_model``.
+    """
+
+    def __init__(self, root: str | os.PathLike, base_model: str | None = None, device: str = "auto"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UsageError(f"adapters directory {self.root} does not exist")
+        if base_model is None:
+            found, _ = adapter_folders(self.root)
+            if not found:
+                raise UsageError(f"no adapter in the sub-folders of {self.root}; "
+                                 "put one there or name the base model with --base")
+            base_model = read_adapter(next(iter(found.values())))[1]["base_model"]
+        self.adapter_set = AdapterSet(base_model, device)
+        self.refused: dict[str, str] = {}
+        self.reload()
+
+    def reload(self) -> dict[str, list[str]]:
+        """Serve what the folder holds now. Returns the names ``added``, ``removed`` and ``refused``."""
+        before = set(self.adapter_set.adapters)
+        found, refused = adapter_folders(self.root)
+        loaded = []
+        for name, directory in found.items():
+            try:
+                loaded.append(read_served_adapter(name, directory, self.adapter_set.base_model))
+            except UsageError as error:
+                refused[name] = str(error)
+        try:
+            self.adapter_set.set_adapters(loaded)
+        except UsageError:  # one of them does not fit the base: find it, serve the rest
+            fitting = []
+            for adapter in loaded:
+                try:
+                    self.adapter_set.set_adapters([*fitting, adapter])
+                    fitting.append(adapter)
+                except UsageError as error:
+                    refused[adapter[0].name] = str(error)
+            self.adapter_set.set_adapters(fitting)
+        self.refused = refused
+        served = set(self.adapter_set.adapters)
+        return {"added": sorted(served - before), "removed": sorted(before - served),
+                "refused": sorted(refused)}
