@@ -5,12 +5,14 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from conftest import LABELS, random_adapter, tiny_model
 from lora import inject_lora, lora_layers, lora_settings, lora_state_dict
-from lora.errors import UsageError
+from lora.cli.predict import main
+from lora.errors import UsageError, run_command
 from lora.inference import load_classifier, predict_proba
 from lora.multi import AdapterWeights, MultiAdapterModel, MultiLoRALinear
 from lora.multi_inference import load_adapters
@@ -152,3 +154,45 @@ def test_bad_adapters_are_one_line_usage_errors(tiny_model_dir, adapter_dirs, tm
     adapters = load_adapters({"two": adapter_dirs["two"]}, device="cpu")
     with pytest.raises(UsageError, match="unknown adapter\\(s\\) 'nope'; served: two"):
         adapters.predict_proba(["goal"], ["nope"])
+
+
+@pytest.mark.timeout(120)
+def test_predict_py_with_several_adapters_answers_each_row_with_its_own_in_input_order(adapter_dirs, alone,
+                                                                                        tmp_path, capsys):
+    names = ["five", "two", "four", "five", "pissa", "two"]
+    truth = [ADAPTERS[name]["labels"][i % len(ADAPTERS[name]["labels"])] for i, name in enumerate(names)]
+    source = tmp_path / "mixed.csv"
+    pd.DataFrame({"text": TEXTS[:6], "Adapter": names, "label": truth}).to_csv(source, index=False)
+    flags = [f"{name}={adapter_dirs[name]}" for name in ("two", "four", "five", "pissa")]
+    main(["--adapter", *flags, "--input", str(source), "--output", str(tmp_path / "out.csv"), "--probs"])
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert table["ID"].tolist() == list(range(6)) and table["Adapter"].tolist() == names
+    for (_, row), name, want in zip(table.iterrows(), names, expected(alone, TEXTS[:6], names)):
+        labels = ADAPTERS[name]["labels"]
+        assert row["Label"] == want.argmax() and row["LabelName"] == labels[want.argmax()]
+        np.testing.assert_allclose(row[labels].astype(float), want, **PARITY_TOLERANCE)
+        others = [label for label in table.columns[4:] if label not in labels]
+        assert (row[others] == "").all()  # labels of the other adapters: empty
+    out = capsys.readouterr().out
+    for name in ("five", "four", "pissa", "two"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        hits = sum(table["LabelName"][i] == truth[i] for i in rows)
+        assert f"{name}: accuracy {hits / len(rows):.4f}, macro F1 " in out
+
+
+@pytest.mark.timeout(60)
+def test_predict_py_with_several_adapters_refuses_what_it_cannot_do_in_one_line(adapter_dirs, tmp_path, capsys):
+    source = tmp_path / "mixed.csv"
+    pd.DataFrame({"text": ["goal", "chip"], "adapter": ["two", "seven"]}).to_csv(source, index=False)
+    two_four = [str(adapter_dirs["two"]), str(adapter_dirs["four"])]
+    for argv, message in [
+        ([*two_four, "--text", "goal"], "name each row's adapter in an --input column ('adapter'); --text has none"),
+        ([*two_four, "--input", str(source)], "names adapter(s) 'seven' in column 'adapter'; given: two, four"),
+        ([*two_four, "--input", str(source), "--adapter-column", "group"], "has no 'group' column"),
+        ([f"x={adapter_dirs['two']}", f"x={adapter_dirs['four']}", "--input", str(source)], "two adapters are named 'x'"),
+    ]:
+        with pytest.raises(SystemExit) as caught:
+            run_command(lambda: main(["--adapter", *argv, "--output", str(tmp_path / "out.csv")]))
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out.csv").exists()
