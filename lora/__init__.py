@@ -3,7 +3,7 @@
     delta_W = (alpha / r) * B @ A        y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)
 
 ``layer.py`` holds the math, ``variants.py`` DoRA, PiSSA and LoRA+, ``model.py`` puts it into a
-model, ``adapter.py`` saves it.
+model, ``adapter.py`` saves it, ``multi.py`` runs many adapters on one base in one batch.
 Data, training and inference live in ``lora.data``, ``lora.training``, ``lora.inference``.
 """
 __version__ = "0.3.0"  # the one place it is written: pyproject.toml reads it from here
@@ -13,6 +13,7 @@ from .layer import LoRALinear
 from .model import (count_parameters, dequantize_base, inject_lora, layer_index,
                     load_lora_state_dict, lora_layers, lora_settings, lora_state_dict, merge_lora,
                     parameter_table, quantize_base, unmerge_lora)
+from .multi import AdapterWeights, MultiAdapterModel
 from .quantize import Int8Linear, NF4Linear, QuantizedLinear
 from .variants import DoRALinear, lora_plus_groups, pissa_init_
 
@@ -22,4 +23,5 @@ __all__ = [
     "lora_state_dict", "load_lora_state_dict", "lora_settings", "save_adapter", "load_adapter",
     "apply_adapter", "count_parameters", "parameter_table",
     "quantize_base", "dequantize_base", "QuantizedLinear", "Int8Linear", "NF4Linear",
+    "MultiAdapterModel", "AdapterWeights",
 ]

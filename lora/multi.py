@@ -145,8 +145,9 @@ class MultiLoRALinear(nn.Module):
         factors = torch.ones(len(present) + 1, self.base.out_features, device=weight.device)
         for slot, update in enumerate(present, start=1):
             if update.magnitude is not None:
-                adapted = weight + update.scaling * (update.lora_B @ update.lora_A)
-                factors[slot] = update.magnitude / torch.linalg.norm(adapted, dim=1)
+                delta = update.lora_B.to(weight.device) @ update.lora_A.to(weight.device)
+                adapted = weight + update.scaling * delta
+                factors[slot] = update.magnitude.to(weight.device) / torch.linalg.norm(adapted, dim=1)
         return factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

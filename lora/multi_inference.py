@@ -11,6 +11,7 @@ on disk; DoRA works (``MultiLoRALinear``). Adapters trained on a quantized base 
 (``predict.py`` serves one of those at a time).
 """
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from .multi import AdapterWeights, MultiAdapterModel
 from .provenance import version_warning
 from .runtime import pick_device
 
+# An adapter's name is its folder's name: one path component, never "." or "..", no separator,
+# nothing a URL or a shell would need to quote.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 # The base model's own head is never used for predictions (every row names an adapter); it
 # only has to exist, so it gets transformers' default two labels.
 BASE_HEAD_LABELS = ["LABEL_0", "LABEL_1"]
@@ -205,6 +209,10 @@ def adapter_folders(root: str | os.PathLike) -> tuple[dict[str, Path], dict[str,
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         if not (entry / WEIGHTS_NAME).is_file() or not (entry / CONFIG_NAME).is_file():
+            continue
+        if not ADAPTER_NAME.fullmatch(entry.name):
+            refused[entry.name] = (f"adapter folder name {entry.name!r} is not served: use letters, digits, "
+                                   "'.', '_' and '-' only")
             continue
         if not entry.resolve().is_relative_to(root):
             refused[entry.name] = f"adapter folder {entry} lies outside the adapters directory {root}"

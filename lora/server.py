@@ -12,7 +12,6 @@ With an API key (``LORA_API_KEY`` in the environment of ``lora-serve``) every ro
 (what is served) and ``lora.batching`` (when it runs).
 """
 import json
-import re
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,11 +22,9 @@ from starlette.exceptions import HTTPException
 
 from .batching import DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_S, Batcher
 from .errors import UsageError
-from .multi_inference import AdapterDirectory
+from .multi_inference import ADAPTER_NAME, AdapterDirectory
 
 API_KEY_VARIABLE = "LORA_API_KEY"
-# An adapter is named by its sub-folder: one path component, never "..", never a separator.
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -153,7 +150,7 @@ def _parse_classify(body, directory: AdapterDirectory, limits: ServerLimits) -> 
     if not isinstance(body, dict) or set(body) != {"adapter", "texts"}:
         raise RequestError(422, 'the body must be a JSON object {"adapter": NAME, "texts": [TEXT, ...]}')
     adapter, texts = body["adapter"], body["texts"]
-    if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter) or adapter in (".", ".."):
+    if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter):
         raise RequestError(400, f"adapter must be the name of a sub-folder of the adapters directory "
                                 f"(letters, digits, '.', '_', '-'), got {json.dumps(adapter)[:80]}")
     if adapter in directory.refused:

@@ -15,7 +15,7 @@ from lora.cli.predict import main
 from lora.errors import UsageError, run_command
 from lora.inference import load_classifier, predict_proba
 from lora.multi import AdapterWeights, MultiAdapterModel, MultiLoRALinear
-from lora.multi_inference import load_adapters
+from lora.multi_inference import adapter_folders, load_adapters
 
 # A row of a mixed batch adds s * (x A^T) B^T to x W^T; the reference folds s * B A into W
 # first (merged). Both are float32 sums in another order: they agree to ~1e-6 in probability.
@@ -196,3 +196,19 @@ def test_predict_py_with_several_adapters_refuses_what_it_cannot_do_in_one_line(
         err = capsys.readouterr().err
         assert caught.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_adapter_folders_serve_sub_folders_by_name_and_refuse_what_lies_outside(tmp_path):
+    root, elsewhere = tmp_path / "adapters", tmp_path / "elsewhere"
+    for folder in (root / "news", root / "bad name", root / ".hidden", elsewhere / "outside"):
+        folder.mkdir(parents=True)
+        (folder / "adapter.safetensors").write_bytes(b"")
+        (folder / "adapter_config.json").write_text("{}")
+    (root / "notes").mkdir()  # no adapter files: not an adapter
+    (root / "linked").symlink_to(elsewhere / "outside", target_is_directory=True)
+    (root / "inside_link").symlink_to(root / "news", target_is_directory=True)
+    found, refused = adapter_folders(root)
+    assert found == {"inside_link": root / "inside_link", "news": root / "news"}
+    assert sorted(refused) == ["bad name", "linked"]
+    assert "lies outside the adapters directory" in refused["linked"]
+    assert "use letters, digits" in refused["bad name"]
