@@ -140,9 +140,9 @@ def mixed_batch_steps(name: str, count: int, shape, device) -> dict:
     ours.set_adapters([adapter_weights(adapter) for adapter in adapters])
     grouped = MultiAdapterModel(copy.deepcopy(base).to(device))
     grouped.set_adapters([adapter_weights(adapter) for adapter in adapters])
-    for module_name, module in list(grouped.model.named_modules()):
+    for module in grouped.model.modules():
         if isinstance(module, MultiLoRALinear):
-            module.__class__ = GroupedMultiLoRALinear
+            module.__class__ = GroupedMultiLoRALinear  # the same stacks, the other lora_update
     merged = [copy.deepcopy(adapter).to(device) for adapter in adapters[:1]]
     merge_lora(merged[0])
     heads = [adapter.classifier.to(device) for adapter in adapters]

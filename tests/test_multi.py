@@ -23,10 +23,11 @@ PARITY_TOLERANCE = dict(rtol=0, atol=1e-5)
 TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit beats forecasts",
          "<b>Scientists</b> unveil a new chip &lt;online&gt;", " ".join(["war election minister"] * 40),
          "match", "software internet research", "the market said shares fell today"]
-# name: labels, rank, targets, variant; together: ranks 2..8, four target sets, 2/4/5 labels.
+# name: labels, rank, targets, variant; together: ranks 2..8, four target sets, 2/3/4/5 labels.
 ADAPTERS = {
     "two": dict(labels=["no", "yes"], r=2, targets=("query", "value")),
-    "four": dict(labels=LABELS, r=4, targets=("value", "output.dense"), clean=True, max_length=8),
+    "four": dict(labels=LABELS, r=4, targets=("value", "output.dense"), clean=True, max_length=8,
+                 trainable_modules=("classifier", "output.LayerNorm")),  # LayerNorms trained in full too
     "five": dict(labels=["a", "b", "c", "d", "e"], r=8, targets=("query", "key", "value", "intermediate.dense"),
                  dora=True),
     "pissa": dict(labels=["p", "q", "r"], r=3, targets=("value", "attention.output.dense"), init="pissa",
