@@ -6,11 +6,12 @@ call on the model thread. While that call runs, new requests queue up and form t
 so under load batches fill without any waiting. ``max_rows=1`` turns batching off: every
 request runs alone (a request is never split; the predict function batches its own rows).
 
-Defaults, and why: ``max_rows = 64``: on a CPU a forward over 64 rows costs about 64 times
-less per row than 64 forwards of one, and beyond that the per-row cost hardly falls while the
-latency of the whole batch keeps growing. ``max_wait_s = 0.005``: when the server is idle, a
-lone request waits at most 5 ms for company, a few per cent of one MiniLM forward on a CPU and
-far less than roberta-base's; under load the wait is not needed (see above).
+Defaults, and why: ``max_rows = 64``, the batch ``bench/serving.py`` measures: an encoder's
+cost per row stops falling once one batch's matmuls keep the cores busy (a few dozen rows of
+AG News length on a CPU), and a larger batch only makes every request in it wait for all of it.
+``max_wait_s = 0.005``: on an idle server a lone request waits at most 5 ms for company, little
+beside one forward pass (tens of milliseconds for MiniLM on a CPU, more for roberta-base); under
+load no wait is needed, since requests queue up while a batch runs.
 
 All model work (predictions and ``run_on_model_thread`` calls such as a reload) runs on one
 thread, one call at a time, in arrival order. Only asyncio and the standard library.
