@@ -174,4 +174,3 @@ def assert_gradients_match_peft(ours, theirs) -> None:
                                        rtol=1e-4, atol=1e-7, msg=name)
         else:
             assert parameter.grad is None, name
-
