@@ -170,8 +170,9 @@ def _parse_classify(body, directory: AdapterDirectory, limits: ServerLimits) -> 
 
 def check_limits(limits: ServerLimits) -> None:
     """Raise ``UsageError`` for limits that cannot work."""
-    for name in ("max_texts", "max_body_bytes", "max_batch_rows"):
+    flags = {"max_texts": "--max-texts", "max_body_bytes": "--max-body-bytes", "max_batch_rows": "--max-batch"}
+    for name, flag in flags.items():
         if getattr(limits, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(limits, name)}")
+            raise UsageError(f"{flag} must be at least 1, got {getattr(limits, name)}")
     if limits.max_wait_s < 0:
         raise UsageError(f"--batch-wait-ms must be >= 0, got {limits.max_wait_s * 1000:g}")

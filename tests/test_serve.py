@@ -238,3 +238,20 @@ def test_the_batcher_mixes_requests_that_arrive_together_and_isolates_failures()
     calls.clear()
     results = asyncio.run(scenario(max_rows=1))  # batching off: every request alone
     assert calls == [[("1", "a"), ("2", "a")], [("3", "b")], [("bad", "c")], [("4", "a")]]
+
+
+@pytest.mark.timeout(30)
+def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from lora.cli.serve import main
+    from lora.errors import run_command
+    (tmp_path / "empty").mkdir()
+    for argv, message in [
+        (["--adapters-dir", str(tmp_path / "missing")], f"adapters directory {tmp_path / 'missing'} does not exist"),
+        (["--adapters-dir", str(tmp_path / "empty")], "no adapter in the sub-folders of"),
+        (["--adapters-dir", str(tmp_path / "empty"), "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--adapters-dir", str(tmp_path / "empty"), "--port", "70000"], "--port must be in 0..65535"),
+    ]:
+        with pytest.raises(SystemExit) as caught:
+            run_command(lambda: main(argv))
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and err.count("\n") == 1 and message in err, err
