@@ -12,8 +12,9 @@ Ranks differ between adapters: each is padded with zero rows of ``A`` and zero c
 up to the largest rank ``R`` in that layer, which adds exact zeros. A layer that an adapter
 does not target gives that adapter's rows the zero slot. The gather copies
 ``batch * R * (in + out)`` numbers per layer, small beside the base matmul's
-``batch * seq * in * out`` (``bench/serving.py`` measures it against a loop over the adapters
-present, which was slower).
+``batch * seq * in * out``. ``bench/serving.py`` times it against a loop over the adapters
+present (its *grouped* column); in a first rough check on a shared machine the loop was slower,
+so the gather is what the library keeps.
 
 DoRA works too: its update is ``(c - 1) * (x @ W^T) + c * s * (x @ A^T) @ B^T`` with the
 per-output factor ``c = m / ||W + s B A||_c`` fixed for an adapter at inference, so it is
