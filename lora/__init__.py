@@ -4,7 +4,8 @@
 
 ``layer.py`` holds the math, ``variants.py`` DoRA, PiSSA and LoRA+, ``quantize.py`` the int8 / NF4
 base, ``model.py`` puts it into a model, ``adapter.py`` saves it, ``peft_format.py``
-writes and reads it in Hugging Face peft's format.
+writes and reads it in Hugging Face peft's format, ``multi.py`` runs many adapters on one base in
+one batch.
 The training job starts at ``lora.training.train`` (the loop is ``_train``; its pieces are
 ``config``, ``data``, ``progress``, ``run_folder``, ``checkpoint``, ``evaluation``, ``distributed``,
 ``signals``); inference at ``lora.inference.load_classifier``. The README's file map lists them all.
@@ -16,6 +17,7 @@ from .layer import LoRALinear
 from .model import (count_parameters, dequantize_base, inject_lora, layer_index,
                     load_lora_state_dict, lora_layers, lora_settings, lora_state_dict, merge_lora,
                     parameter_table, quantize_base, unmerge_lora)
+from .multi import AdapterWeights, MultiAdapterModel
 from .quantize import Int8Linear, NF4Linear, QuantizedLinear
 from .variants import DoRALinear, lora_plus_groups, pissa_init_
 
@@ -25,4 +27,5 @@ __all__ = [
     "lora_state_dict", "load_lora_state_dict", "lora_settings", "save_adapter", "load_adapter",
     "apply_adapter", "count_parameters", "parameter_table",
     "quantize_base", "dequantize_base", "QuantizedLinear", "Int8Linear", "NF4Linear",
+    "MultiAdapterModel", "AdapterWeights",
 ]

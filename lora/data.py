@@ -67,8 +67,9 @@ def _read_saved_dataset(path: Path, split: str | None) -> pd.DataFrame:
     return dataset.to_pandas()
 
 
-def read_table(path: str | Path, split: str | None = None) -> pd.DataFrame:
-    """Read ``path`` into a frame with ``text`` (and ``label`` when the file has one).
+def read_table(path: str | Path, split: str | None = None, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read ``path`` into a frame with ``text`` (and ``label`` when the file has one, and the
+    columns named in ``keep`` that it has, as strings: ``predict.py``'s adapter column).
 
     Formats: CSV (``text`` or ``title`` + ``description``, or headerless AG News), JSONL,
     JSON, Parquet, pickle (DataFrame or ``Dataset``), plain text (one example a line),
@@ -79,7 +80,7 @@ def read_table(path: str | Path, split: str | None = None) -> pd.DataFrame:
         raise UsageError(f"input {path} does not exist")
     try:
         if path.is_dir():
-            return normalise_columns(_read_saved_dataset(path, split), path)
+            return normalise_columns(_read_saved_dataset(path, split), path, keep)
         suffix = path.suffix.lower()
         if suffix == ".csv":
             frame = _read_csv(path)
@@ -98,11 +99,12 @@ def read_table(path: str | Path, split: str | None = None) -> pd.DataFrame:
         raise
     except Exception as error:  # a parser's own complaint, reported in one line
         raise UsageError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-    return normalise_columns(frame, path)
+    return normalise_columns(frame, path, keep)
 
 
-def normalise_columns(frame: pd.DataFrame, source) -> pd.DataFrame:
-    """Lower-case column names; build ``text`` from ``title`` + ``description`` if needed."""
+def normalise_columns(frame: pd.DataFrame, source, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Lower-case column names; build ``text`` from ``title`` + ``description`` if needed;
+    keep ``text``, ``label`` and the ``keep`` columns (lower-cased, as strings)."""
     frame = frame.rename(columns={c: str(c).strip().lower() for c in frame.columns})
     frame = frame.rename(columns={"class index": "label"})
     if "text" not in frame.columns:
@@ -112,7 +114,10 @@ def normalise_columns(frame: pd.DataFrame, source) -> pd.DataFrame:
             raise UsageError(f"{source} has no text column (columns: {list(frame.columns)}); "
                              "expected 'text' or 'title' + 'description'")
     frame["text"] = frame["text"].fillna("").astype(str)
-    return frame[["text", "label"]] if "label" in frame.columns else frame[["text"]]
+    kept = [column.lower() for column in keep if column.lower() in frame.columns]
+    for column in kept:
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame[["text", *(["label"] if "label" in frame.columns else []), *kept]]
 
 
 def encode_labels(frame: pd.DataFrame, labels: list[str], source) -> pd.DataFrame:

@@ -41,6 +41,11 @@ def check_lora_hyperparameters(r: int, alpha: float, dropout: float) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """The factor on ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     """``base(x) + scaling * dropout(x) @ A^T @ B^T`` around a frozen ``nn.Linear``.
 
@@ -70,7 +75,7 @@ class LoRALinear(nn.Module):
         self.r = r
         self.alpha = alpha
         self.rslora = rslora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, rslora)
         device = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))

@@ -109,6 +109,31 @@ def pretrained_tiny_model(seed: int = 0) -> RobertaForSequenceClassification:
     return model.eval()
 
 
+def random_adapter(model_dir, directory, labels=LABELS, targets=("query", "value"), r=4, alpha=8.0,
+                   seed=0, max_length=16, clean=False, **inject):
+    """Save a LoRA adapter for the model in ``model_dir`` whose B matrices, DoRA magnitudes, head
+    over ``labels`` and other fully trained modules are random (so that they matter), as
+    ``train.py`` would write it; ``inject``: more ``inject_lora`` arguments (``dora``,
+    ``init="pissa"``, ``rslora``, ``trainable_modules``). Returns the folder."""
+    from lora import inject_lora, lora_layers, save_adapter
+    from lora.backbone import load_classifier_model
+    torch.manual_seed(seed)
+    model = load_classifier_model(str(model_dir), list(labels))
+    inject_lora(model, targets, r=r, alpha=alpha, **inject)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=0.5)
+            if hasattr(layer, "lora_magnitude"):
+                layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
+        for parameter in model.classifier.parameters():
+            parameter.normal_(std=0.5)
+        for name, parameter in model.named_parameters():  # other modules trained in full, if any
+            if parameter.requires_grad and "lora_" not in name and not name.startswith("classifier."):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    return save_adapter(directory, model, {"base_model": str(model_dir), "labels": list(labels),
+                                           "max_length": max_length, "clean": clean})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A folder with a tiny "pretrained" RoBERTa classifier (``pretrained_tiny_model``) and its

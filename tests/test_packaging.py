@@ -136,7 +136,7 @@ def load_launcher(path: Path):
 
 def test_console_entry_points_are_the_functions_the_scripts_call():
     scripts = PYPROJECT["project"]["scripts"]
-    assert set(scripts) == {"lora-train", "lora-predict", "lora-inspect", "lora-search", "lora-export"}
+    assert set(scripts) == {"lora-train", "lora-predict", "lora-inspect", "lora-search", "lora-export", "lora-serve"}
     launchers = set()
     for target in scripts.values():
         module_name, function_name = target.split(":")
@@ -166,8 +166,9 @@ def test_requirements_files_list_exactly_what_pyproject_declares():
     declared = {str(Requirement(spec)) for spec in PYPROJECT["project"]["dependencies"]}
     extras = {name: {str(Requirement(spec)) for spec in specs}
               for name, specs in PYPROJECT["project"]["optional-dependencies"].items()}
-    assert requirements(REPO / "requirements.txt") == declared | extras["search"]
+    assert requirements(REPO / "requirements.txt") == declared | extras["search"] | extras["serve"]
     assert requirements(REPO / "requirements-dev.txt") == extras["dev"]
+    assert extras["serve"] <= extras["dev"]  # the lora-serve tests need the server
     assert "-r requirements.txt" in (REPO / "requirements-dev.txt").read_text().splitlines()
 
 

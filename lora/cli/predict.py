@@ -4,9 +4,12 @@
     python predict.py --adapter runs/20250101-120000 --input lora/bundled/ag_news/test.csv  # + accuracy, F1
     python predict.py --text "Stocks rally as oil prices fall" "Team wins the cup"
     python predict.py --input headlines.txt --probs --output headlines.csv
+    python predict.py --adapter news=runs/a spam=runs/b --input mixed.csv   # its 'adapter' column names one per row
 
 The CSV is the Kaggle layout: ID (row number) and Label (class index), one row per input row,
-in input order; --probs adds the label name and one probability column per label.
+in input order; --probs adds the label name and one probability column per label. With several
+adapters (all on one base: lora/multi_inference.py) every row runs through the adapter its
+--adapter-column names, all in mixed batches; the CSV then also has Adapter and LabelName.
 
 Reads top to bottom: find the adapter, read the texts, load the model with the adapter merged
 into it, predict, score when the input has labels, write the CSV.
@@ -19,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from lora.data import encode_labels, read_table
+from lora.cli.predict_several import predict_several
 from lora.errors import UsageError, run_command
 from lora.inference import latest_run, load_classifier, predict_proba, save_predictions
 from lora.report import classification_metrics
@@ -29,9 +33,13 @@ CHECK_ROWS = 16  # the merge is checked on this many input texts
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", help="run folder with adapter.safetensors and adapter_config.json, or a "
-                                          "peft LoRA folder of a sequence classifier "
-                                          "(default: the newest run folder under runs/)")
+    parser.add_argument("--adapter", nargs="+", help="run folder with adapter.safetensors and adapter_config.json, "
+                                                     "or a peft LoRA folder of a sequence classifier (default: the "
+                                                     "newest run folder under runs/); several folders, each FOLDER "
+                                                     "or NAME=FOLDER, classify each row with the adapter its "
+                                                     "--adapter-column names")
+    parser.add_argument("--adapter-column", default="adapter",
+                        help="with several adapters: the input column naming each row's adapter (default: %(default)s)")
     parser.add_argument("--base", help="base model to load instead of the one the adapter names (hub id or folder)")
     parser.add_argument("--force", action="store_true",
                         help="load the adapter even onto base weights other than those it was trained on")
@@ -69,7 +77,7 @@ def read_inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
             print("reading texts from standard input, one a line; end with Ctrl-D", file=sys.stderr)
         frame, source = pd.DataFrame({"text": sys.stdin.read().splitlines()}), "standard input"
     else:
-        frame, source = read_table(path), path
+        frame, source = read_table(path, keep=(args.adapter_column,)), path
     if frame.empty:
         raise UsageError(f"{source} holds no texts")
     return frame, source
@@ -79,8 +87,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
 
     # Adapter and texts; the model, with the adapter merged (checked on the first texts).
-    adapter_dir = Path(args.adapter) if args.adapter else latest_run()
+    several = args.adapter is not None and len(args.adapter) > 1
+    adapter_dir = None if several else Path(args.adapter[0]) if args.adapter else latest_run()
     frame, source = read_inputs(args)
+    if several:  # each row with the adapter it names: lora/cli/predict_several.py
+        predict_several(args, frame, source)
+        return
     texts = frame["text"].tolist()
     model, tokenizer = load_classifier(adapter_dir, args.device, merge=not args.no_merge,
                                        check_texts=texts[:CHECK_ROWS], base_model=args.base, force=args.force)

@@ -1,0 +1,178 @@
+"""The HTTP layer of ``lora-serve``: parse and check requests, hand them to the batcher, answer.
+
+    POST /v1/classify         {"adapter": "news", "texts": ["...", ...]}
+                              -> {"predictions": [{"label": "Business", "probabilities": {...}}, ...]}
+    GET  /v1/adapters         the served adapters (labels, rank, targets) and the refused ones, why
+    POST /v1/adapters/reload  read the adapters directory again -> {"added", "removed", "refused"}
+    GET  /healthz             {"status": "ok", ...}; never needs the API key
+
+Every error is a 4xx (or 500) with ``{"error": "one line"}``, and the server keeps serving.
+With an API key (``LORA_API_KEY`` in the environment of ``lora-serve``) every route but
+``/healthz`` needs ``Authorization: Bearer KEY``. The model work lives in ``lora.multi_inference``
+(what is served) and ``lora.batching`` (when it runs).
+"""
+import json
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from .batching import DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_S, Batcher
+from .errors import UsageError
+from .multi_inference import ADAPTER_NAME, AdapterDirectory
+
+API_KEY_VARIABLE = "LORA_API_KEY"
+
+
+@dataclass
+class ServerLimits:
+    """What one request may ask, and how requests are batched (see ``lora.batching``)."""
+    max_texts: int = 256  # texts per request: four full batches
+    max_body_bytes: int = 1_000_000  # 256 texts of ~4 KB each: far longer than any model input
+    max_batch_rows: int = DEFAULT_MAX_ROWS
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
+    api_key: str | None = None
+
+
+class RequestError(Exception):
+    """A bad request: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
+    """The FastAPI app serving ``directory`` (its adapters set, reloads) within ``limits``."""
+    batcher = Batcher(_predictions(directory), limits.max_batch_rows, limits.max_wait_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        yield
+        await batcher.stop()  # uvicorn waits for requests in flight first; the batcher answers them
+
+    app = FastAPI(title="lora-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError):
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.exception_handler(UsageError)
+    async def adapter_gone(request: Request, error: UsageError):  # dropped by a reload meanwhile
+        return JSONResponse({"error": str(error)}, status_code=404)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        return JSONResponse({"error": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):  # unknown route, wrong method
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):
+        if limits.api_key and request.url.path != "/healthz":
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not secrets.compare_digest(given.encode(), limits.api_key.encode()):
+                return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY)"},
+                                    status_code=401)
+        return await call_next(request)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "adapters": len(directory.adapter_set.adapters), "batches": batcher.batches}
+
+    @app.get("/v1/adapters")
+    async def adapters():
+        return _adapter_listing(directory)
+
+    @app.post("/v1/adapters/reload")
+    async def reload():
+        changes = await batcher.run_on_model_thread(directory.reload)
+        return {**changes, **_adapter_listing(directory)}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        adapter, texts = _parse_classify(await _read_json(request, limits.max_body_bytes), directory, limits)
+        return {"predictions": await batcher.submit(adapter, texts)}
+
+    return app
+
+
+def _predictions(directory: AdapterDirectory):
+    """``predict(texts, adapters)`` for the batcher: one ``{"label", "probabilities"}`` per text."""
+    def predict(texts: list[str], adapters: list[str]) -> list[dict]:
+        adapter_set = directory.adapter_set
+        rows = adapter_set.predict_proba(texts, adapters)
+        answers = []
+        for row, name in zip(rows, adapters):
+            labels = adapter_set.adapters[name].labels
+            answers.append({"label": labels[int(row.argmax())],
+                            "probabilities": {label: float(p) for label, p in zip(labels, row)}})
+        return answers
+    return predict
+
+
+def _adapter_listing(directory: AdapterDirectory) -> dict:
+    served = directory.adapter_set.adapters
+    return {
+        "base_model": directory.adapter_set.base_model,
+        "adapters": [{"name": name, "labels": adapter.labels, "r": adapter.config["r"],
+                      "target_modules": adapter.config["target_modules"],
+                      "dora": adapter.config.get("dora", False)}
+                     for name, adapter in sorted(served.items())],
+        "refused": [{"name": name, "reason": reason} for name, reason in sorted(directory.refused.items())],
+    }
+
+
+async def _read_json(request: Request, limit: int):
+    """The request body parsed as JSON; 413 past ``limit`` bytes (read no further), 400 if not JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"request body is not valid JSON: {error}") from None
+
+
+def _parse_classify(body, directory: AdapterDirectory, limits: ServerLimits) -> tuple[str, list[str]]:
+    """``(adapter, texts)`` of a classify request, or the RequestError that says what is wrong."""
+    if not isinstance(body, dict) or set(body) != {"adapter", "texts"}:
+        raise RequestError(422, 'the body must be a JSON object {"adapter": NAME, "texts": [TEXT, ...]}')
+    adapter, texts = body["adapter"], body["texts"]
+    if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter):
+        raise RequestError(400, f"adapter must be the name of a sub-folder of the adapters directory "
+                                f"(letters, digits, '.', '_', '-'), got {json.dumps(adapter)[:80]}")
+    if adapter in directory.refused:
+        raise RequestError(409, f"adapter {adapter!r} is not served: {directory.refused[adapter]}")
+    if adapter not in directory.adapter_set.adapters:
+        raise RequestError(404, f"unknown adapter {adapter!r}; served: "
+                                f"{', '.join(sorted(directory.adapter_set.adapters)) or 'none'}")
+    if not isinstance(texts, list) or not texts:
+        raise RequestError(422, "texts must be a non-empty list of strings")
+    if len(texts) > limits.max_texts:
+        raise RequestError(413, f"{len(texts)} texts in one request; at most {limits.max_texts}")
+    wrong = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if wrong is not None:
+        raise RequestError(422, f"texts[{wrong}] is a {type(texts[wrong]).__name__}, not a string")
+    return adapter, texts
+
+
+def check_limits(limits: ServerLimits) -> None:
+    """Raise ``UsageError`` for limits that cannot work."""
+    flags = {"max_texts": "--max-texts", "max_body_bytes": "--max-body-bytes", "max_batch_rows": "--max-batch"}
+    for name, flag in flags.items():
+        if getattr(limits, name) < 1:
+            raise UsageError(f"{flag} must be at least 1, got {getattr(limits, name)}")
+    if limits.max_wait_s < 0:
+        raise UsageError(f"--batch-wait-ms must be >= 0, got {limits.max_wait_s * 1000:g}")
