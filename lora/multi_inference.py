@@ -27,7 +27,7 @@ from .errors import UsageError
 from .inference import read_adapter
 from .multi import AdapterWeights, MultiAdapterModel
 from .provenance import version_warning
-from .runtime import pick_device
+from .device import pick_device
 
 # An adapter's name is its folder's name: one path component, never "." or "..", no separator,
 # nothing a URL or a shell would need to quote.
