@@ -33,7 +33,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext, redirect_stdout
-from io import StringIO
+from io import BytesIO, StringIO
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local; never wait on the network
@@ -64,6 +64,17 @@ DORA_STEPS = 2 if QUICK else 120   # each run of the magnitude/direction analysi
 CHECKPOINTS = 2 if QUICK else 4    # snapshots of the query weights per run in that analysis
 WORK = Path(tempfile.mkdtemp(prefix="lora-notebook-"))  # run folders; nothing is written into the clone
 started = time.perf_counter()
+
+
+def show(figure) -> None:
+    """Display a matplotlib figure as a PNG, whatever backend is active (the inspect_lora command
+    chooses the headless one when imported), and close it."""
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    display(Image(buffer.getvalue()))
+
+
 torch.set_printoptions(precision=4, sci_mode=False)
 print(f"quick: {QUICK}; {LORA_STEPS} steps per LoRA run, {DORA_STEPS} per magnitude/direction run; runs in {WORK}")
 
@@ -172,7 +183,7 @@ axis.plot(eval_records.step, eval_records.loss, marker="o", label="validation lo
 axis.set(xlabel="optimizer step", ylabel="cross-entropy", title="MiniLM + LoRA r=8 on AG News")
 axis.grid(alpha=0.3)
 axis.legend()
-plt.show()
+show(figure)
 
 # %% [markdown]
 # ### Merge and unmerge on the trained model
@@ -352,7 +363,7 @@ for axis, (method, group) in zip(axes, points.groupby("method", sort=False)):
     axis.ticklabel_format(style="sci", scilimits=(-2, 2))
     axis.grid(alpha=0.3)
 figure.colorbar(image, ax=axes, label="step (numbers: layer, last checkpoint)")
-plt.show()
+show(figure)
 within_checkpoint = {method: [trend_slope(g.delta_D.tolist(), g.delta_M.tolist()) for _, g in group.groupby("step")]
                      for method, group in points.groupby("method", sort=False)}
 for method, slope in slopes.items():
