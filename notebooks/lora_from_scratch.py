@@ -258,7 +258,7 @@ print(f"layers whose first directions agree (phi(1,1) > 0.5): {top_shared} of {l
       f"mean phi(1,1) {np.mean([s.top for s in similarities]):.3f} vs {random_similarity(1, 1, 384):.4f} at random")
 
 # %%
-plot_similarity(similarities, WORK / "similarity.png", "r=4", "r=32")
+plot_similarity(similarities, WORK / "similarity.png", "seed 1", "seed 2")
 display(Image(str(WORK / "similarity.png")))
 
 # %% [markdown]
@@ -350,7 +350,7 @@ print(f"three runs of {DORA_STEPS} steps in {time.perf_counter() - clock:.0f} s"
 
 # %%
 slopes = {}
-figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+figure, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
 for axis, (method, group) in zip(axes, points.groupby("method", sort=False)):
     slopes[method] = trend_slope(group.delta_D.tolist(), group.delta_M.tolist())
     image = axis.scatter(group.delta_D, group.delta_M, c=group.step, cmap="viridis", s=28)

@@ -98,7 +98,8 @@ def plot_similarity(similarities, path: Path, first_label: str = "this adapter",
     """One heatmap of phi(i, j) per layer (the LoRA paper's Figure 3), a shared 0..1 colour scale."""
     columns = min(4, len(similarities))
     rows = -(-len(similarities) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False,
+                                layout="constrained")
     for axis, s in zip(axes.flat, similarities):
         image = axis.imshow(np.array(s.phi), cmap="viridis", vmin=0, vmax=1, aspect="auto",
                             extent=(0.5, s.r_second + 0.5, s.r_first + 0.5, 0.5))
@@ -108,7 +109,7 @@ def plot_similarity(similarities, path: Path, first_label: str = "this adapter",
         axis.set_ylabel(f"i ({first_label}, r={s.r_first})", fontsize=8)
     for axis in list(axes.flat)[len(similarities):]:
         axis.axis("off")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j)")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j) = |U_i^T V_j|² / min(i, j)")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
