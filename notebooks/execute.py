@@ -23,14 +23,18 @@ SOURCE = NOTEBOOKS / "lora_from_scratch.py"
 CELL_TIMEOUT_S = 900  # the whole full run must fit in 15 minutes on 2 cores; no cell may take more
 
 
+def own_kernel() -> KernelManager:
+    """A manager for ipykernel on this very Python. ``kernel_dirs=[]``: no kernelspec from the
+    user's, the environment's or the system's folders (one named python3 could point at another
+    Python); "python3" is then the native kernel, ``sys.executable -m ipykernel_launcher``."""
+    return KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
+
+
 def execute(source: Path, output: Path, cell_timeout: int = CELL_TIMEOUT_S) -> float:
     """Execute ``source`` in a fresh kernel, from the repository root; write ``output``.
     Returns the wall time in seconds (kernel start included)."""
     notebook = jupytext.read(source)
-    # kernel_dirs=[]: no kernelspec from the user's or the system's folders; "python3" is then
-    # the native kernel, ipykernel on sys.executable.
-    kernel = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
-    client = NotebookClient(notebook, km=kernel, timeout=cell_timeout, record_timing=False,
+    client = NotebookClient(notebook, km=own_kernel(), timeout=cell_timeout, record_timing=False,
                             resources={"metadata": {"path": str(NOTEBOOKS.parent)}})
     started = time.perf_counter()
     client.execute()

@@ -11,6 +11,8 @@ import jupytext
 import nbformat
 import pytest
 
+from notebooks.execute import own_kernel
+
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "notebooks" / "lora_from_scratch.py"
 EXECUTED = SOURCE.with_suffix(".ipynb")
@@ -61,3 +63,12 @@ def test_the_committed_notebook_is_its_source_executed_in_full():
     assert not [o for cell in cells for o in cell.outputs if o.output_type == "error"]
     assert "quick: False" in stream_text(cells[0])
     assert executed.metadata.kernelspec.name == "python3"
+
+
+def test_the_kernel_is_this_python_whatever_kernelspecs_are_installed(tmp_path, monkeypatch):
+    bogus = tmp_path / "kernels" / "python3"
+    bogus.mkdir(parents=True)
+    (bogus / "kernel.json").write_text(json.dumps({"argv": ["/bin/false", "{connection_file}"],
+                                                   "display_name": "another Python", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))  # searched before every other kernelspec folder
+    assert own_kernel().kernel_spec.argv[:3] == [sys.executable, "-m", "ipykernel_launcher"]
