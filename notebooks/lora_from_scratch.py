@@ -52,7 +52,7 @@ from lora.cli.inspect_lora import main as inspect_lora, plot_similarity
 from lora.config import TrainConfig
 from lora.data import length_grouped_batches, load_splits, pad_batch, tokenize
 from lora.inference import load_classifier
-from lora.inspection import (adapter_stats, applied_weight, compare_adapters, direction_projections,
+from lora.inspection import (applied_weight, compare_adapters, direction_projections,
                              magnitude_direction_change, random_similarity, trend_slope)
 from lora.training import train
 
