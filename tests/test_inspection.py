@@ -140,7 +140,7 @@ def test_compare_adapters_refuses_adapters_of_other_layers_or_widths():
     narrow, wide = nn.Sequential(nn.Linear(6, 4)), nn.Sequential(nn.Linear(8, 4))
     other = nn.Sequential(nn.Identity(), nn.Linear(6, 4))
     for model in (narrow, wide, other):
-        inject_lora(model, ("0", "1"), r=2, trainable_modules=())
+        inject_lora(model, ("0", "1"), r=2, alpha=4, trainable_modules=())
     with pytest.raises(ValueError, match="input width 6 vs 8"):
         compare_adapters(narrow, wide)
     with pytest.raises(ValueError, match="no LoRA layer in common"):

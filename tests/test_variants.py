@@ -282,7 +282,7 @@ def test_train_flags_fill_the_config():
         TrainConfig(lora_plus_ratio=0.0).check()
     with pytest.raises(UsageError, match="--init must be one of"):
         TrainConfig(init="olora").check()
-    with pytest.raises(UsageError, match="--dora needs the float base weight"):
+    with pytest.raises(UsageError, match="^DoRA needs the float base weight"):
         TrainConfig(dora=True, quantize_base="nf4").check()
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--init", "olora"])
