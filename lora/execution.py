@@ -45,7 +45,8 @@ def training_module(model: nn.Module, gradient_checkpointing: bool, compile: boo
     makes the sequence length dynamic) and AOTAutograd their backward; the first steps pay for
     the compile. The compiled module shares every parameter with ``model`` but its state-dict
     keys start with ``_orig_mod.``: checkpoints and the adapter are saved from ``model``, never
-    from this. DDP wraps the compiled module, so that ``distributed.no_sync`` still finds it.
+    from this. Evaluation runs ``model`` itself, eager. DDP wraps the compiled module, so that
+    ``distributed.no_sync`` still finds it.
     """
     if gradient_checkpointing:
         checkpoint_activations(model)

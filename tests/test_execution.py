@@ -6,19 +6,21 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GRADIENT_TOLERANCE, MODEL_TOLERANCE, config_for, records, tiny_model, training_tolerance
-from lora import execution, inject_lora
+from lora import execution, inject_lora, quantize_base
 from lora.cli.train import main as train_main
 from lora.errors import UsageError
 from lora.execution import checkpoint_activations
 from lora.training import train
 
 
-def lora_tiny_model(dropout: float) -> torch.nn.Module:
+def lora_tiny_model(dropout: float, quantize: str | None = None) -> torch.nn.Module:
     """The tiny model with LoRA on query and value, ``dropout`` everywhere (hidden, attention,
-    LoRA input), in training mode; every ``lora_B`` non-zero so that every adapter weight gets a
-    gradient (with B = 0, A's gradient is 0)."""
+    LoRA input), its base optionally quantized, in training mode; every ``lora_B`` non-zero so
+    that every adapter weight gets a gradient (with B = 0, A's gradient is 0)."""
     model = tiny_model(0, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     inject_lora(model, ("query", "value"), r=4, alpha=8.0, dropout=dropout, trainable_modules=("classifier",))
+    if quantize is not None:
+        quantize_base(model, quantize)
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if name.endswith("lora_B"):
@@ -47,12 +49,14 @@ def assert_same_loss_and_gradients(actual, expected) -> None:
         torch.testing.assert_close(gradients[name], gradient, **GRADIENT_TOLERANCE, msg=name)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no dropout", "dropout"])
-def test_checkpointing_recomputes_the_layers_and_gives_the_same_loss_and_gradients(dropout):
+@pytest.mark.parametrize("dropout, quantize", [(0.0, None), (0.1, None), (0.1, "nf4")],
+                         ids=["no dropout", "dropout", "dropout, nf4 base"])
+def test_checkpointing_recomputes_the_layers_and_gives_the_same_loss_and_gradients(dropout, quantize):
     # Two float computations of one value (the recompute's kernels run in another autograd
     # graph): GRADIENT_TOLERANCE. With dropout the recompute must draw the forward's masks again
     # (the generators' state replayed): a mask drawn afresh changes the gradients by far more.
-    plain, checkpointed = lora_tiny_model(dropout), lora_tiny_model(dropout)
+    # The nf4 base: its own autograd Function (no saved weight) inside the checkpointed layer.
+    plain, checkpointed = lora_tiny_model(dropout, quantize), lora_tiny_model(dropout, quantize)
     checkpoint_activations(checkpointed)
     query = checkpointed.roberta.encoder.layer[0].attention.self.query
     calls = []
@@ -61,7 +65,7 @@ def test_checkpointing_recomputes_the_layers_and_gives_the_same_loss_and_gradien
     assert len(calls) == 2  # the forward, and its recompute in backward
     assert_same_loss_and_gradients(result, loss_and_gradients(plain))
     if dropout:  # the masks matter: another seed is another loss
-        assert not torch.allclose(loss_and_gradients(lora_tiny_model(dropout), seed=8)[0], result[0])
+        assert not torch.allclose(loss_and_gradients(lora_tiny_model(dropout, quantize), seed=8)[0], result[0])
 
 
 def test_a_run_with_checkpointing_is_the_run_without(tiny_model_dir, toy_data_dir, tmp_path):
