@@ -68,13 +68,18 @@ def test_checkpointing_recomputes_the_layers_and_gives_the_same_loss_and_gradien
         assert not torch.allclose(loss_and_gradients(lora_tiny_model(dropout, quantize), seed=8)[0], result[0])
 
 
-def test_a_run_with_checkpointing_is_the_run_without(tiny_model_dir, toy_data_dir, tmp_path):
+def test_a_run_with_checkpointing_is_the_run_without(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
     # config_for trains with LoRA dropout 0.1: the recompute replays its masks. Two float
     # computations of the same gradients, through AdamW for 4 steps: training_tolerance.
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
     train(config_for(tiny_model_dir, toy_data_dir, plain, max_steps=4, evaluate_test=False))
+    checkpointing = execution.checkpoint_activations
+    checkpointed_models = []
+    monkeypatch.setattr(execution, "checkpoint_activations",
+                        lambda model: checkpointed_models.append(model) or checkpointing(model))
     train(config_for(tiny_model_dir, toy_data_dir, checkpointed, max_steps=4, evaluate_test=False,
                      gradient_checkpointing=True))
+    assert len(checkpointed_models) == 1  # the run did checkpoint its model
     assert_same_runs(checkpointed, plain, training_tolerance(4, 2e-3))
     with pytest.raises(UsageError, match="--gradient-checkpointing would change them"):
         train_main(["--resume", "--output-dir", str(plain), "--gradient-checkpointing"])
