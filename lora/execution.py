@@ -31,6 +31,7 @@ def checkpoint_activations(model: nn.Module) -> None:
     Checkpointing applies in training mode only; evaluation runs as before.
     """
     kwargs = {"use_reentrant": False}
+    model.config.use_cache = False  # an encoder keeps no cache; else transformers warns that it turns it off
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name for it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
