@@ -112,13 +112,17 @@ class Setup:
 
 
 def build_base_model(name: str) -> nn.Module:
-    """A 4-label sequence classifier: ``minilm`` pretrained, RoBERTa shapes with random weights."""
+    """A 4-label sequence classifier: ``minilm`` pretrained, RoBERTa shapes with random weights.
+    Its ``problem_type`` is set, as transformers would set it at the first call with labels: a
+    compiled model's first graph would test it, and the second call would compile again."""
     torch.manual_seed(0)
     if name == "minilm":
-        return load_classifier_model("minilm", LABELS)
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-    return RobertaForSequenceClassification(RobertaConfig(num_labels=len(LABELS),
-                                                          **ROBERTA_SHAPES[name]))
+        model = load_classifier_model("minilm", LABELS)
+    else:
+        from transformers import RobertaConfig, RobertaForSequenceClassification
+        model = RobertaForSequenceClassification(RobertaConfig(num_labels=len(LABELS), **ROBERTA_SHAPES[name]))
+    model.config.problem_type = "single_label_classification"
+    return model
 
 
 def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
