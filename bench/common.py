@@ -3,7 +3,9 @@ steps, interleaved timing, peak memory in a fresh process, machine info, BENCHMA
 
 Variants of one model: ``base`` (as loaded, for inference), ``full`` (everything trains),
 ``ours`` (``lora.inject_lora``) and ``peft`` (``peft.get_peft_model``), both LoRA on query and
-value with the classifier head trainable and the same r, alpha and dropout.
+value with the classifier head trainable and the same r, alpha and dropout. Any of them may run
+with activation checkpointing and compiled (``lora.execution``, what ``train.py``'s
+``--gradient-checkpointing`` and ``--compile`` do).
 """
 import argparse
 import copy
@@ -26,6 +28,7 @@ from torch import nn
 
 from lora import inject_lora, quantize_base
 from lora.backbone import load_classifier_model
+from lora.execution import checkpoint_activations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
@@ -95,7 +98,8 @@ def resolve_device(name: str) -> torch.device:
 @dataclass(frozen=True)
 class Setup:
     """One training configuration: model shape, variant, LoRA rank/alpha and batch shape;
-    for ``ours``, the frozen base optionally quantized (``int8``, ``nf4``, ``nf4+dq``)."""
+    for ``ours``, the frozen base optionally quantized (``int8``, ``nf4``, ``nf4+dq``); any
+    variant with its encoder layers' activations checkpointed, and compiled."""
     model: str
     variant: str
     batch_size: int
@@ -103,16 +107,22 @@ class Setup:
     r: int = 10
     alpha: float = 64.0
     quantize: str | None = None  # "int8", "nf4", "nf4+dq"
+    checkpointing: bool = False  # --gradient-checkpointing
+    compiled: bool = False  # --compile: torch.compile; its first step pays for the compile
 
 
 def build_base_model(name: str) -> nn.Module:
-    """A 4-label sequence classifier: ``minilm`` pretrained, RoBERTa shapes with random weights."""
+    """A 4-label sequence classifier: ``minilm`` pretrained, RoBERTa shapes with random weights.
+    Its ``problem_type`` is set, as transformers would set it at the first call with labels: a
+    compiled model's first graph would test it, and the second call would compile again."""
     torch.manual_seed(0)
     if name == "minilm":
-        return load_classifier_model("minilm", LABELS)
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-    return RobertaForSequenceClassification(RobertaConfig(num_labels=len(LABELS),
-                                                          **ROBERTA_SHAPES[name]))
+        model = load_classifier_model("minilm", LABELS)
+    else:
+        from transformers import RobertaConfig, RobertaForSequenceClassification
+        model = RobertaForSequenceClassification(RobertaConfig(num_labels=len(LABELS), **ROBERTA_SHAPES[name]))
+    model.config.problem_type = "single_label_classification"
+    return model
 
 
 def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
@@ -132,7 +142,9 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
         model = get_peft_model(model, config)
     elif setup.variant not in ("base", "full"):
         raise ValueError(f"unknown variant {setup.variant!r}")
-    return model
+    if setup.checkpointing:
+        checkpoint_activations(model)  # peft's model hands the call on to the transformers model inside
+    return torch.compile(model) if setup.compiled else model
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device,

@@ -6,8 +6,10 @@
 1. Bytes of the quantized base weights (every frozen encoder Linear), roberta-base shape
    (random weights) and MiniLM. Goal: nf4 <= 0.16 x float32.
 2. Peak training memory, each variant in a fresh process (the method of bench/speed.py), and
-   seconds per training step, variants interleaved; batch 16 x 128 (4 x 32 with --quick).
-   Goal: every quantized run's peak below the float32 LoRA run's.
+   seconds per training step, variants interleaved; batch 16 x 128 (4 x 32 with --quick); also
+   float32 and nf4 with activation checkpointing (``--gradient-checkpointing``), and full
+   fine-tuning for reference. Goals: every quantized run's peak below the float32 LoRA run's;
+   nf4 + checkpointing's peak <= 0.30 x full fine-tuning's; int8 and nf4 steps <= 1.3 x float32's.
 3. With ``--accuracy`` (its own section: four whole training runs take a while): offline test
    accuracy of MiniLM on the bundled AG News with the demo recipe, one run per variant
    (``--accuracy-runs DIR`` reads ``DIR/<variant>/summary.json`` of runs made with the
@@ -28,6 +30,11 @@ from lora.training import TrainConfig, train
 LORA = dict(r=TrainConfig.r, alpha=TrainConfig.alpha)  # the seeds' recipe
 VARIANTS = {"float32": None, "int8": "int8", "nf4": "nf4", "nf4+dq": "nf4+dq"}
 TARGET_NF4_BYTES = 0.16
+# Part 2 only: the bases above and these, each as Setup options; full fine-tuning is the reference.
+TRAINING_VARIANTS = {**{variant: dict(quantize=quantize) for variant, quantize in VARIANTS.items()},
+                     "float32+ckpt": dict(checkpointing=True), "nf4+ckpt": dict(quantize="nf4", checkpointing=True)}
+TARGET_CHECKPOINTED_NF4_VS_FULL = 0.30  # peak memory
+TARGET_QUANTIZED_STEP = 1.3  # int8 and nf4 step time over float32's
 TARGET_ACCURACY_POINTS = 0.5
 # The README's demo recipe; the flags of each variant are added to it.
 DEMO = dict(model="minilm", data="bundled", clean=True, epochs=2, lr=1e-3,
@@ -64,34 +71,44 @@ def training_part(models, shape, args) -> str:
     """2: peak memory per variant in fresh processes, then interleaved step times."""
     memory_rows, time_rows = [], []
     for name in models:
-        setups = {variant: Setup(name, "ours", *shape, quantize=quantize, **LORA)
-                  for variant, quantize in VARIANTS.items()}
+        setups = {variant: Setup(name, "ours", *shape, **options, **LORA)
+                  for variant, options in TRAINING_VARIANTS.items()}
+        full = Setup(name, "full", *shape, **LORA)
         # Each measurement is its own fresh process, so running a few at once changes no peak.
         with ThreadPoolExecutor(args.memory_processes) as pool:
             peaks = pool.map(lambda setup: common.measure_training_memory(setup, args.device),
-                             setups.values())
-            memory = dict(zip(setups, peaks))
-        for variant in VARIANTS:
+                             [*setups.values(), full])
+            memory = dict(zip([*setups, "full FT"], peaks))
+        for variant in [*TRAINING_VARIANTS, "full FT"]:
             below = memory[variant]["peak"] < memory["float32"]["peak"]
-            verdict = "" if variant == "float32" else (" PASS" if below else " MISS")
+            verdict = " PASS" if below else " MISS"
+            if variant in ("float32", "full FT") or not TRAINING_VARIANTS[variant].get("quantize"):
+                verdict = ""
+            versus_full = memory[variant]["peak"] / memory["full FT"]["peak"]
             memory_rows.append([name, variant, *(f"{memory[variant][key]:.0f}"
                                                  for key in ("loaded", "peak", "increase")),
-                                f"{memory[variant]['peak'] / memory['float32']['peak']:.3f}{verdict}"])
+                                f"{memory[variant]['peak'] / memory['float32']['peak']:.3f}{verdict}",
+                                ratio_cell(versus_full, TARGET_CHECKPOINTED_NF4_VS_FULL)
+                                if variant == "nf4+ckpt" else f"{versus_full:.3f}"])
         if args.skip_timing:
             continue
         times = common.interleaved_times(common.build_training_steps(setups, args.device),
                                          args.device, args.repeats, args.warmup)
         step = common.medians(times)
         time_rows += [[name, variant, f"{step[variant]:.3f}",
-                       "" if variant == "float32" else paired_ratio_cell(times, variant, "float32")]
-                      for variant in VARIANTS]
+                       "" if variant == "float32" else paired_ratio_cell(
+                           times, variant, "float32", TARGET_QUANTIZED_STEP if variant in ("int8", "nf4") else None)]
+                      for variant in TRAINING_VARIANTS]
     memory = (f"### 2. Training, batch {shape[0]} x {shape[1]} tokens\n\n"
-              f"{common.memory_note(args.device)} Goal: peak below float32's (ratio < 1).\n\n"
+              f"{common.memory_note(args.device)} Goals: a quantized base's peak below float32's "
+              f"(ratio < 1); nf4 with activation checkpointing (`+ckpt`: `--gradient-checkpointing`) "
+              f"at most {TARGET_CHECKPOINTED_NF4_VS_FULL} x full fine-tuning's.\n\n"
               + markdown_table(["model", "base", "loaded MiB", "peak MiB", "increase MiB",
-                                "peak / float32"], memory_rows))
+                                "peak / float32", "peak / full FT"], memory_rows))
     if args.skip_timing:
         return memory + "\n\nStep times: not measured in this run (`--skip-timing`)."
-    return (memory + "\n\nSeconds per training step (forward, backward, AdamW step):\n\n"
+    return (memory + "\n\nSeconds per training step (forward, backward, AdamW step); goal: int8 and "
+            f"nf4 at most {TARGET_QUANTIZED_STEP} x float32's:\n\n"
             + markdown_table(["model", "base", "s / step", "time / float32"], time_rows))
 
 

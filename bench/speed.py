@@ -1,6 +1,7 @@
 """This project's LoRA against peft's LoRA and full fine-tuning: speed, latency, memory.
 
     python -m bench.speed [--device auto|cpu|cuda] [--quick] [--repeats N] [--warmup N]
+    python -m bench.speed --execution [--quick] [--repeats N]    # part 3 alone (its own section)
 
 1a. Seconds per training step at one padded batch (16 x 128): ours, peft, full fine-tuning,
     on a random-weight roberta-base shape and on MiniLM. Targets: ours/peft <= 1.00,
@@ -15,8 +16,16 @@ LoRA everywhere: r=10, alpha=64, dropout 0, on query and value, classifier head 
     pipeline rebuilt, peft LoRA + ``transformers.Trainer`` on texts padded to 128 tokens; both
     TrainConfig's LoRA (r=10, alpha=64, dropout 0.1), the same steps; 3 rounds after the
     warm-up (1 with --quick). Target: ours >= 2x the examples per second.
+3.  With ``--execution`` (its own section): seconds per training step (16 x 128) of ours and peft,
+    each eager and compiled (``--compile``), with and without activation checkpointing
+    (``--gradient-checkpointing``), all interleaved, on the roberta-base shape and MiniLM; the
+    compile's cost (the first step) and the steps after which it pays back. Target: ours
+    compiled <= 0.90 x peft eager. The checkpointing's memory saving: ``bench.quantize``. For a
+    cold compile's cost, run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` (else inductor's
+    on-disk cache from an earlier run makes it look cheap).
 """
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -46,6 +55,10 @@ THROUGHPUT_STEPS, QUICK_THROUGHPUT_STEPS = 10, 2
 THROUGHPUT_REPEATS = 3  # whole training runs take a while: 3 rounds, whatever --repeats says
 THROUGHPUT_TEST_ROWS = 64
 TARGET_TIME_PER_EXAMPLE = 0.50  # ours / theirs: ours at least 2x the examples per second
+# Part 3: how the step runs (lora/execution.py), the Setup options of each mode.
+EXECUTION_MODES = {"eager": {}, "compiled": dict(compiled=True), "checkpointed": dict(checkpointing=True),
+                   "compiled + checkpointed": dict(compiled=True, checkpointing=True)}
+TARGET_COMPILED_VS_PEFT = 0.90  # ours compiled / peft eager
 
 
 def training_step_part(models, shape, args) -> str:
@@ -247,12 +260,59 @@ def throughput_report(rounds: dict[str, list[float]], lengths: list[int], theirs
         f"about {ratio * ours_timed / ours_epoch:.2f}x."])
 
 
+def execution_part(models, shape, args) -> str:
+    """3: seconds per training step of ours and peft in every execution mode, interleaved; the
+    compile's cost (the first step minus a compiled step) and its payback in steps."""
+    rows, compile_rows = [], []
+    for name in models:
+        setups = {f"{variant} {mode}": Setup(name, variant, *shape, **LORA, **options)
+                  for variant in ("ours", "peft") for mode, options in EXECUTION_MODES.items()}
+        steps = common.build_training_steps(setups, args.device, common.build_base_model(name))
+        # The compiles: the first step of each (one graph per model; a fresh cache per model, so
+        # that no model's graphs count against another's recompile limit).
+        torch._dynamo.reset()
+        first = {label: common.timed(step, args.device)() for label, step in steps.items()}
+        times = common.interleaved_times(steps, args.device, args.repeats, args.warmup)
+        seconds = common.medians(times)
+        rows += [[name, mode, f"{seconds['ours ' + mode]:.3f}", f"{seconds['peft ' + mode]:.3f}",
+                  paired_ratio_cell(times, f"ours {mode}", "peft eager",
+                                    TARGET_COMPILED_VS_PEFT if mode == "compiled" else None),
+                  paired_ratio_cell(times, f"ours {mode}", f"peft {mode}"),
+                  paired_ratio_cell(times, f"ours {mode}", "ours eager")]
+                 for mode in EXECUTION_MODES]
+        for variant in ("ours", "peft"):
+            compile_seconds = first[f"{variant} compiled"] - seconds[f"{variant} compiled"]
+            saved = seconds[f"{variant} eager"] - seconds[f"{variant} compiled"]
+            compile_rows.append([name, variant, f"{compile_seconds:.1f}", f"{saved:.3f}",
+                                 math.ceil(compile_seconds / saved) if saved > 0 else "never"])
+    return (f"### 3. Compiled and checkpointed training steps, batch {shape[0]} x {shape[1]} tokens\n\n"
+            "Forward, backward, AdamW step; seconds per step after the compile (the first step, "
+            "not timed in the rounds). *compiled*: `torch.compile` of the whole model (`--compile`); "
+            "*checkpointed*: every encoder layer's activations recomputed in backward "
+            "(`--gradient-checkpointing`, non-reentrant).\n\n"
+            + markdown_table(["model", "mode", "ours s", "peft s", "ours / peft eager",
+                              "ours / peft, same mode", "ours / ours eager"], rows)
+            + "\n\nThe compile: the first step's seconds minus a compiled step's, the seconds a "
+            "compiled step saves over an eager one, and the steps after which the compile has paid "
+            "for itself.\n\n"
+            + markdown_table(["model", "variant", "compile s", "saved s / step", "pays back after steps"],
+                             compile_rows))
+
+
 def main(argv=None) -> None:
     parser = common.make_parser(__doc__.splitlines()[0], repeats=5)
+    parser.add_argument("--execution", action="store_true",
+                        help="part 3 only: compiled and checkpointed steps, ours and peft (its own section)")
     args = common.parse_args(parser, argv)
     started, load_at_start = time.perf_counter(), common.load_average()
     models = ("roberta-tiny" if args.quick else "roberta-base", "minilm")
     train_shape, inference_shape = ((4, 32), (4, 32)) if args.quick else ((16, 128), (32, 128))
+    if args.execution:
+        common.report(args, "bench/speed.py --execution",
+                      "bench/speed.py --execution: compiled and checkpointed steps, ours vs peft",
+                      "\n\n".join([execution_part(models, train_shape, args),
+                                    common.run_summary(started, load_at_start)]))
+        return
     parts = [training_step_part(models, train_shape, args),
              inference_part(models, inference_shape, args),
              memory_part(models, train_shape, args),

@@ -62,6 +62,8 @@ class TrainConfig:
     overwrite: bool = False
     quantize_base: str | None = None  # "int8", "nf4": the frozen base stored quantized (lora/quantize.py)
     double_quant: bool = False  # nf4 only: the block absmax values in 8 bits too
+    gradient_checkpointing: bool = False  # recompute the encoder layers' activations in backward (lora/execution.py)
+    compile: bool = False  # torch.compile the model the loop runs forward and backward
     evaluate_test: bool = True  # False: stop after training (search.py ranks trials on validation)
     report_to: str | None = None  # "tensorboard": the metric records as event files in the run folder
 

@@ -28,6 +28,7 @@ from .device import autocast_context, pick_device, pick_precision
 from .distributed import World
 from .errors import UsageError
 from .evaluation import evaluate
+from .execution import training_module
 from .model import count_parameters, inject_lora, load_lora_state_dict, parameter_table, quantize_base
 from .progress import Progress
 from .provenance import provenance
@@ -278,7 +279,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
     if run.checkpoint:
         progress = restore_training_state(run.checkpoint, job.model, optimisation, world)
         print(f"resuming at step {progress.step} of {optimisation.total_steps}")
-    trained_model = distributed.wrap(job.model, world)  # what the loop runs forward and backward
+    trained_model = training_module(job.model, config.gradient_checkpointing, config.compile, world)
 
     # The loop: one iteration = one window of `grad_accum` micro-batches = one optimizer step,
     # unless the GradScaler skips it.

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 LOOP = "tests/test_loop.py::"
 SEARCH = "tests/test_search.py::"
 VARIANTS = "tests/test_variants.py::"
+EXECUTION = "tests/test_execution.py::"
 
 
 @dataclass
@@ -179,6 +180,15 @@ SABOTAGES = [
     Sabotage("variants: inspect measures m against the wrong norms", "lora/inspection.py",
              "start = weight.norm(dim=1)", "start = weight.norm(dim=0)[:weight.shape[0]]",
              (VARIANTS + "test_inspection_reports_the_magnitude_change",)),
+    Sabotage("execution: checkpointing draws fresh dropout masks in the recompute", "lora/execution.py",
+             'kwargs = {"use_reentrant": False}', 'kwargs = {"use_reentrant": False, "preserve_rng_state": False}',
+             (EXECUTION + "test_checkpointing_recomputes_the_layers_and_gives_the_same_loss_and_gradients",)),
+    Sabotage("execution: --gradient-checkpointing ignored", "lora/execution.py",
+             "    if gradient_checkpointing:\n", "    if False:\n",
+             (EXECUTION + "test_a_run_with_checkpointing_is_the_run_without",)),
+    Sabotage("execution: --compile ignored", "lora/execution.py",
+             "torch.compile(model) if compile else model", "model",
+             (EXECUTION + "test_compile_gives_the_same_loss_and_gradients_and_a_run_saves_plain_names",)),
 ]
 
 

@@ -98,7 +98,7 @@ def test_a_checkpoint_restores_adapter_optimizer_schedule_scaler_progress_and_ge
 
 def test_the_command_line_knows_which_flags_were_given_even_at_their_default_value():
     assert explicit_fields(["--lr", "3.99e-4", "--resume", "--output-dir", "x"]) == {"lr", "resume", "output_dir"}
-    assert explicit_fields(["--no-amp", "--grad", "4"]) == {"precision", "grad_accum"}  # prefixes as argparse
+    assert explicit_fields(["--no-amp", "--grad-acc", "4"]) == {"precision", "grad_accum"}  # prefixes as argparse (--grad: also --gradient-checkpointing)
     assert explicit_fields([]) == set()
 
 

@@ -219,7 +219,7 @@ def test_a_storage_that_is_not_a_database_or_holds_another_search_is_refused(
         "search", {"model": "someone else's", "max_params": None})
     for storage, message in ((f"sqlite:///{text_file}", "not a database Optuna can use"),
                              (other, "holds a study 'lora' of a different search (it differs in "
-                                     "alpha, batch_size, clean, data")):
+                                     "alpha, batch_size, clean, compile, data")):
         with pytest.raises(SystemExit) as stopped:
             run_argv(monkeypatch, ["--storage", storage, "--search-dir", str(tmp_path / "s"),
                                    *train_flags(tiny_model_dir, toy_data_dir)])

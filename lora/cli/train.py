@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                "fp32": "plain float32 (the default on CPU)"}
     for value, flag in PRECISION_FLAGS.items():
         precision.add_argument(flag, dest="precision", action="store_const", const=value, help=meaning[value])
+    optim.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute the encoder layers' activations in backward: less memory, about one more forward a step")
+    optim.add_argument("--compile", action="store_true",
+                       help="torch.compile the training model: faster steps after a one-time compile (eager by default)")
     optim.add_argument("--seed", type=int, default=defaults.seed, help="seed for data order and initialisation (default: %(default)s)")
     optim.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device, help="(default: %(default)s)")
 
