@@ -255,6 +255,12 @@ def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None
     try:
         with distributed.quiet_unless_main(world):
             return _train(config, world, on_evaluation, explicit)
+    except (KeyboardInterrupt, UsageError) as stopped:  # a stop every rank takes at the same step
+        # Drop _train's frames, and with them the DDP model that holds the process group, before
+        # the group is destroyed: a DDP model outliving destroy_process_group() in a traceback
+        # freed later left one rank hanging in gloo's teardown while the other went on.
+        stopped.__traceback__ = None
+        raise
     finally:
         distributed.stop(world)
 

@@ -299,7 +299,8 @@ def run_workers(function, args: tuple, nprocs: int, timeout: float, log_dir) -> 
                                    for rank in range(nprocs))
                 raise WorkerFailed(f"workers still running after {timeout:.0f} s; where each one was:\n{stacks}")
     except ProcessException as error:  # a worker raised (its traceback is in the message) or died
-        raise WorkerFailed(f"rank {error.error_index} failed:\n{error}") from None
+        stacks = _stacks_of_the_others(context.processes, error.error_index, log_dir)
+        raise WorkerFailed(f"rank {error.error_index} failed:\n{error}\nwhere the others were:\n{stacks}") from None
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -310,6 +311,17 @@ def run_workers(function, args: tuple, nprocs: int, timeout: float, log_dir) -> 
         raise WorkerFailed(f"rank(s) {missing} exited without finishing (KeyboardInterrupt?)")
 
 
+def _stacks_of_the_others(processes, failed: int, log_dir: Path) -> str:
+    """Ask every other live worker for its Python stack (SIGUSR1, ``faulthandler``): where a
+    rank waits when its partner has failed."""
+    for rank, process in enumerate(processes):
+        if rank != failed and process.is_alive():
+            os.kill(process.pid, signal.SIGUSR1)
+    time.sleep(1)
+    return "\n".join(f"--- rank {rank}:\n" + _read(log_dir / f"stack-rank{rank}.txt")[-3000:]
+                     for rank in range(len(processes)) if rank != failed)
+
+
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() and path.stat().st_size else "(no stack: still starting)"
 
@@ -318,6 +330,7 @@ def _watched_worker(rank: int, function, args: tuple, deadline: float, log_dir: 
     import faulthandler
     stack_file = open(Path(log_dir) / f"stack-rank{rank}.txt", "w")
     faulthandler.dump_traceback_later(max(deadline - 1 - time.time(), 0.5), file=stack_file)
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
         function(rank, *args)
     finally:
