@@ -291,15 +291,20 @@ def run_workers(function, args: tuple, nprocs: int, timeout: float, log_dir) -> 
     deadline = time.time() + timeout
     context = mp.start_processes(_watched_worker, args=(function, args, deadline, str(log_dir)),
                                  nprocs=nprocs, start_method="spawn", join=False)
+    stacks = ""
     try:
-        while not context.join(timeout=0.5):
+        while True:
+            if not stacks and any(p.exitcode not in (None, 0) for p in context.processes):
+                failed = next(r for r, p in enumerate(context.processes) if p.exitcode not in (None, 0))
+                stacks = _stacks_of_the_others(context.processes, failed, log_dir)  # before join ends them
+            if context.join(timeout=0.5):
+                break
             if time.time() > deadline:
                 time.sleep(1.5)  # the workers' stack dumps come due now
                 stacks = "\n".join(f"--- rank {rank}:\n" + _read(log_dir / f"stack-rank{rank}.txt")[-3000:]
                                    for rank in range(nprocs))
                 raise WorkerFailed(f"workers still running after {timeout:.0f} s; where each one was:\n{stacks}")
     except ProcessException as error:  # a worker raised (its traceback is in the message) or died
-        stacks = _stacks_of_the_others(context.processes, error.error_index, log_dir)
         raise WorkerFailed(f"rank {error.error_index} failed:\n{error}\nwhere the others were:\n{stacks}") from None
     finally:
         for process in context.processes:
