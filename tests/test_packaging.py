@@ -117,6 +117,12 @@ def test_hub_probe_honours_hf_hub_offline_and_counts_any_answer_as_reachable(mon
     assert backbone.hub_reachable() is False
 
 
+def test_the_demo_is_the_recipe_the_benchmark_chose():
+    """``make train`` offline runs the recipe ``bench/recipes.py`` measured and chose."""
+    from bench import recipes
+    assert quickstart.OFFLINE_DEMO == recipes.DATA + recipes.RECIPES[recipes.CHOSEN]
+
+
 def test_the_demo_is_the_readme_offline_command():
     """``make train`` on a CPU runs the command whose results the README quotes."""
     readme = (REPO / "README.md").read_text().replace("\\\n", " ")
