@@ -5,6 +5,10 @@ target modules, layers, trainable modules), the fingerprint of the pretrained we
 adapter was added to (``base_fingerprint``, see ``model.base_fingerprint``) plus whatever the
 caller adds (base model, label names, max length), so that ``apply_adapter`` can rebuild the
 same model, and refuse another base.
+
+Every reader of an adapter (training's final evaluation, ``predict.py``, several adapters,
+``lora-serve``, ``lora-export``, ``inspect_lora.py``) gets its config through ``read_config``:
+the one place that knows what older files lack or wrote differently.
 """
 import json
 import os
@@ -16,9 +20,29 @@ from torch import nn
 
 from .io import write_atomically
 from .model import inject_lora, load_lora_state_dict, lora_settings, lora_state_dict
+from .quantize import scheme_from_file
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
+# What every adapter that train.py writes records: without these inference cannot rebuild it.
+REQUIRED_KEYS = ("base_model", "labels", "max_length", "r", "alpha", "target_modules")
+# What a file may lack, and what its absence meant: keys added after the first files were
+# written (dropout 0, a float base, no fingerprint...), and what a peft folder from elsewhere
+# does not record (``lora.peft_format``).
+OPTIONAL_KEYS = {"dropout": 0.0, "rslora": False, "dora": False, "layers": None, "trainable_modules": [],
+                 "clean": False, "quantize_base": None, "double_quant": False, "base_fingerprint": None,
+                 "provenance": {}}
+
+
+def read_config(raw: dict) -> dict:
+    """An adapter's config as it means today, whichever version wrote it: every key of
+    ``OPTIONAL_KEYS`` present (its default where the file has none), and ``quantize_base``
+    None for a float base (older files wrote ``"none"``). Readers then index the config
+    (``config["quantize_base"]``), never guess a default of their own. The other keys stay as
+    they are (``lora.inference`` refuses a file without one of ``REQUIRED_KEYS``)."""
+    config = {**OPTIONAL_KEYS, **raw}
+    config["quantize_base"] = scheme_from_file(config["quantize_base"])
+    return config
 
 
 def save_adapter(directory: str | os.PathLike, model: nn.Module, config: dict | None = None) -> Path:
@@ -39,7 +63,7 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, config: dict | 
 
 
 def load_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read ``(state, config)`` back from ``directory``.
+    """Read ``(state, config)`` back from ``directory``; the config through ``read_config``.
 
     Raises:
         FileNotFoundError: naming the missing directory or file.
@@ -55,7 +79,7 @@ def load_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         config = json.loads((directory / CONFIG_NAME).read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from None
-    return load_file(str(directory / WEIGHTS_NAME)), config
+    return load_file(str(directory / WEIGHTS_NAME)), read_config(config)
 
 
 class BaseMismatch(ValueError):
@@ -78,13 +102,12 @@ def apply_adapter(model: nn.Module, state: dict[str, torch.Tensor], config: dict
         ``model``'s adapted modules hash to another one (unless ``force``). An adapter without
         one loads.
     """
-    names = inject_lora(model, target_modules=config["target_modules"], r=config["r"],
-                        alpha=config["alpha"], dropout=config.get("dropout", 0.0),
-                        trainable_modules=config.get("trainable_modules", ()),
-                        layers=config.get("layers"), rslora=config.get("rslora", False),
-                        dora=config.get("dora", False))
+    config = read_config(config)
+    names = inject_lora(model, target_modules=config["target_modules"], r=config["r"], alpha=config["alpha"],
+                        dropout=config["dropout"], trainable_modules=config["trainable_modules"],
+                        layers=config["layers"], rslora=config["rslora"], dora=config["dora"])
     load_lora_state_dict(model, state)  # first: another shape is named as such
-    expected, found = config.get("base_fingerprint"), getattr(model, "lora_base_fingerprint", None)
+    expected, found = config["base_fingerprint"], getattr(model, "lora_base_fingerprint", None)
     if expected and expected != found and not force:
         raise BaseMismatch(expected, found)
     return names

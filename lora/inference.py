@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, BaseMismatch, apply_adapter, load_adapter
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, BaseMismatch, REQUIRED_KEYS, apply_adapter, load_adapter, read_config
 from .backbone import base_label_names, load_classifier_model, load_tokenizer
 from .data import clean_text, tokenize
 from .errors import UsageError
@@ -43,7 +43,6 @@ CHECK_TEXTS = [
 ]
 # Merged and unmerged probabilities may differ by float rounding, never by more than this.
 MERGE_TOLERANCE = 1e-3
-REQUIRED_CONFIG = ("base_model", "labels", "max_length", "r", "alpha", "target_modules")
 # A peft adapter that records no max length reads at most this many tokens (roberta-base's limit).
 PEFT_MAX_LENGTH = 512
 
@@ -60,17 +59,18 @@ def latest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``load_adapter`` (or ``load_peft_adapter`` for a peft folder) with every problem (missing
-    or unreadable file, missing key, a peft adapter we cannot map) as a UsageError."""
+    or unreadable file, missing key, a peft adapter we cannot map) as a UsageError. The config
+    comes through ``lora.adapter.read_config`` either way."""
     try:
         if is_peft_folder(adapter_dir) and not (adapter_dir / WEIGHTS_NAME).is_file():
             state, config = load_peft_adapter(adapter_dir)
-            return state, {**_peft_defaults(adapter_dir, state, config), **config}
+            return state, read_config({**_peft_defaults(adapter_dir, state, config), **config})
         state, config = load_adapter(adapter_dir)
     except NotMappable as error:
         raise UsageError(f"{adapter_dir}: {error}") from None
     except (OSError, ValueError, SafetensorError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
-    missing = [key for key in REQUIRED_CONFIG if key not in config]
+    missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise UsageError(f"{adapter_dir / CONFIG_NAME} has no {', '.join(missing)}; "
                          "was it written by train.py?")
@@ -140,8 +140,8 @@ def load_classifier(adapter_dir: str | os.PathLike, device: str = "auto", merge:
     model = load_classifier_model(base, config["labels"])
     try:
         apply_adapter(model, state, config, force=force)
-        if config.get("quantize_base") not in (None, "none"):  # the base it was trained on ("none": old files)
-            quantize_base(model, config["quantize_base"], config.get("double_quant", False))
+        if config["quantize_base"] is not None:  # the base it was trained on
+            quantize_base(model, config["quantize_base"], config["double_quant"])
     except BaseMismatch as mismatch:
         raise UsageError(f"adapter {adapter_dir} was trained on base {config['base_model']!r} (fingerprint "
                          f"{mismatch.expected}), not on base {base!r} (fingerprint {mismatch.found}); "

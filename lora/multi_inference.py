@@ -70,14 +70,14 @@ def read_served_adapter(name: str, directory: str | os.PathLike, base_model: str
     directory = Path(directory)
     state, config = read_adapter(directory)
     check_same_base(config, base_model, directory)
-    if config.get("quantize_base", "none") != "none":
+    if config["quantize_base"] is not None:
         raise UsageError(f"adapter {directory} was trained on a {config['quantize_base']} base; several "
                          "adapters are served on a float base only (predict.py --adapter serves it alone)")
     if warning := version_warning(config):
         warnings.warn(f"{directory}: {warning}", stacklevel=3)
     try:
-        weights = AdapterWeights.from_state(state, config["r"], config["alpha"], config.get("rslora", False),
-                                            config.get("trainable_modules", ()))
+        weights = AdapterWeights.from_state(state, config["r"], config["alpha"], config["rslora"],
+                                            config["trainable_modules"])
     except ValueError as error:
         raise UsageError(f"adapter {directory}: {error}") from None
     return Adapter(name, directory, config), weights
@@ -150,7 +150,7 @@ class AdapterSet:
         for name in set(adapters):
             config = self.adapters[name].config
             rows = [i for i, row_name in enumerate(adapters) if row_name == name]
-            group = [clean_text(texts[i]) if config.get("clean") else texts[i] for i in rows]
+            group = [clean_text(texts[i]) if config["clean"] else texts[i] for i in rows]
             for i, ids in zip(rows, tokenize(group, self.tokenizer, config["max_length"])):
                 token_ids[i] = ids or [self.tokenizer.unk_token_id]  # an empty text still gets a row
         return token_ids

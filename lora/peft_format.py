@@ -62,7 +62,7 @@ def _is_lora(name: str) -> bool:
 
 
 def to_peft(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Our ``(state, config)`` (``save_adapter``'s) as peft's ``(tensors, adapter_config)``.
+    """Our ``(state, config)`` (``load_adapter``'s) as peft's ``(tensors, adapter_config)``.
 
     ``target_modules`` are our target names when peft's rule (a module whose dotted name ends
     with ``.target``, in ``layers_to_transform``) picks the same modules: every target a plain
@@ -80,12 +80,12 @@ def to_peft(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, tor
     if any("." in target or target in head_modules for target in targets):
         targets = sorted(name.removesuffix(".lora_A") for name in state if name.endswith(".lora_A"))
     return tensors, {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": config.get("base_model"),
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": config["base_model"],
         "revision": None, "r": config["r"], "lora_alpha": config["alpha"],
-        "lora_dropout": config.get("dropout", 0.0), "target_modules": targets,
-        "layers_to_transform": config.get("layers"), "layers_pattern": None,
-        "use_rslora": config.get("rslora", False), "use_dora": config.get("dora", False),
-        "modules_to_save": list(config.get("trainable_modules", [])), "bias": "none",
+        "lora_dropout": config["dropout"], "target_modules": targets,
+        "layers_to_transform": config["layers"], "layers_pattern": None,
+        "use_rslora": config["rslora"], "use_dora": config["dora"],
+        "modules_to_save": list(config["trainable_modules"]), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
     }
 

@@ -36,6 +36,13 @@ from torch import nn
 from torch.nn import functional as F
 
 SCHEMES = ("int8", "nf4")
+
+
+def scheme_from_file(value: str | None) -> str | None:
+    """A ``quantize_base`` read from a saved config: a scheme, or None for a float base
+    (files written before 0.3 said ``"none"``)."""
+    return None if value in (None, "none") else value
+
 NF4_BLOCK = 64
 ABSMAX_BLOCK = 256  # double quantization: absmax values per 8-bit block
 

@@ -22,6 +22,7 @@ from .distributed import World
 from .errors import UsageError
 from .model import load_lora_state_dict, lora_state_dict
 from .progress import Progress
+from .quantize import scheme_from_file
 
 RUNS_DIR = Path("runs")
 CONFIG_NAME = "train_config.json"
@@ -86,9 +87,7 @@ def saved_config(directory: Path) -> TrainConfig:
     try:
         saved = json.loads((directory / CONFIG_NAME).read_text())
         saved = {key: tuple(value) if isinstance(value, list) else value for key, value in saved.items()}
-        if saved.get("quantize_base") == "none":
-            saved["quantize_base"] = None
-        return TrainConfig(**saved)
+        return TrainConfig(**{**saved, "quantize_base": scheme_from_file(saved.get("quantize_base"))})
     except (json.JSONDecodeError, TypeError) as error:
         raise UsageError(f"{directory / CONFIG_NAME} is not a train.py config: {error}") from None
 

@@ -123,7 +123,7 @@ def _adapter_listing(directory: AdapterDirectory) -> dict:
         "base_model": directory.adapter_set.base_model,
         "adapters": [{"name": name, "labels": adapter.labels, "r": adapter.config["r"],
                       "target_modules": adapter.config["target_modules"],
-                      "dora": adapter.config.get("dora", False)}
+                      "dora": adapter.config["dora"]}
                      for name, adapter in sorted(served.items())],
         "refused": [{"name": name, "reason": reason} for name, reason in sorted(directory.refused.items())],
     }

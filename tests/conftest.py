@@ -10,6 +10,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never wait on the network
 
 import contextlib
+import io
 import json
 
 import pandas as pd
@@ -111,9 +112,11 @@ def pretrained_tiny_model(seed: int = 0) -> RobertaForSequenceClassification:
 
 def random_adapter(model_dir, directory, labels=LABELS, targets=("query", "value"), r=4, alpha=8.0,
                    seed=0, max_length=16, clean=False, **inject):
-    """Save a LoRA adapter for the model in ``model_dir`` whose B matrices, DoRA magnitudes, head
-    over ``labels`` and other fully trained modules are random (so that they matter), as
-    ``train.py`` would write it; ``inject``: more ``inject_lora`` arguments (``dora``,
+    """A hand-made adapter for the model in ``model_dir``, for what train.py cannot write:
+    label sets other than AG News' four (train.py's data always has those), and B matrices,
+    DoRA magnitudes, heads and other fully trained modules random enough that every layer
+    matters. Consumers are tested on train.py's own folders (``trained_runs``) first; use this
+    only for what those cannot show. ``inject``: more ``inject_lora`` arguments (``dora``,
     ``init="pissa"``, ``rslora``, ``trainable_modules``). Returns the folder."""
     from lora import inject_lora, lora_layers, save_adapter
     from lora.backbone import load_classifier_model
@@ -161,6 +164,34 @@ def noisy_data_dir(tmp_path_factory):
     toy_news(400, seed=1, noise=0.4).to_csv(folder / "train.csv", index=False)
     toy_news(120, seed=2, noise=0.4).to_csv(folder / "test.csv", index=False)
     return folder
+
+
+# What the producer really writes. Every consumer of adapter folders (predict.py alone and with
+# several adapters, lora-serve, lora-export, inspect_lora.py, a resumed run) is tested on run
+# folders that train() wrote, not on imitations: an imitation repeats the test author's idea of
+# the files, not the files. Name: the settings of that run (beyond config_for's).
+TRAINED_RUNS = {
+    "lora": dict(seed=1),
+    # DoRA with cleaned text, a shorter max length and LayerNorms trained in full: every
+    # setting a consumer must read back from the config differs from the LoRA run's.
+    "dora": dict(seed=2, dora=True, clean=True, max_length=12,
+                 trainable_modules=("classifier", "output.LayerNorm")),
+    "nf4": dict(seed=3, quantize_base="nf4"),
+}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_model_dir, noisy_data_dir, tmp_path_factory) -> dict[str, Path]:
+    """``{name: run folder}`` for ``TRAINED_RUNS``: the real training job (``train()``, 6 steps
+    at a high learning rate so that the adapters matter) on the tiny model and the noisy toy
+    data (the test metrics do not saturate), with a float base (LoRA, DoRA) and an nf4 base.
+    Built once per test run (about 10 s); consumers copy a folder before changing anything in it."""
+    from lora.training import train
+    root = tmp_path_factory.mktemp("trained")
+    with contextlib.redirect_stdout(io.StringIO()):
+        for name, settings in TRAINED_RUNS.items():
+            train(config_for(tiny_model_dir, noisy_data_dir, root / name, max_steps=6, lr=1e-2, **settings))
+    return {name: root / name for name in TRAINED_RUNS}
 
 
 # ----------------------------------------------------------------------------- comparing runs

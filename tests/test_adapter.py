@@ -11,7 +11,7 @@ from transformers import RobertaForSequenceClassification
 from conftest import LABELS, roberta_base_config, tiny_model, tiny_tokenizer
 from lora import (apply_adapter, count_parameters, inject_lora, load_adapter, lora_layers,
                   lora_settings, lora_state_dict, merge_lora, save_adapter)
-from lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from lora.adapter import CONFIG_NAME, OPTIONAL_KEYS, WEIGHTS_NAME
 
 TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
          "New chip for online research"]
@@ -83,7 +83,7 @@ def test_config_contents(tmp_path):
                       "trainable_modules": ["classifier"],
                       "base_fingerprint": model.lora_base_fingerprint, **CALLER}
     assert len(config["base_fingerprint"]) == 16
-    assert load_adapter(tmp_path)[1] == config
+    assert load_adapter(tmp_path)[1] == {**OPTIONAL_KEYS, **config}  # what the file lacks, at its default
 
 
 def test_files_hold_only_adapter_tensors_as_safetensors(tmp_path):

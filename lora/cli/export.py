@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     save_peft_adapter(out_dir, state, config, base_model_name_or_path=base)
     model_config.save_pretrained(out_dir)
     print(f"wrote a peft LoRA adapter (base {base}, {len(config['labels'])} labels) to {out_dir}")
-    if config.get("quantize_base", "none") != "none":
+    if config["quantize_base"] is not None:
         print(f"note: the adapter was trained on a {config['quantize_base']} base; peft reproduces its "
               "predictions on a base loaded with the same bitsandbytes quantization")
 
