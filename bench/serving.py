@@ -2,7 +2,7 @@
 peft's mixed batch; and lora-serve under load, with dynamic batching on and off.
 
     python -m bench.serving [--device auto|cpu|cuda] [--quick] [--repeats N] [--warmup N]
-                            [--load-seconds S] [--clients N]
+                            [--load-seconds S] [--clients N] [--parts batch load overload]
 
 1. One batch of 64 rows x 64 tokens (about an AG News text) spread evenly over 1, 8 and 32
    LoRA adapters (r=10, alpha=64, query and value, each its own head), on MiniLM and the
@@ -22,6 +22,10 @@ peft's mixed batch; and lora-serve under load, with dynamic batching on and off.
    off (``--max-batch 1``). Every answer is checked against ``predict.py``'s offline
    predictions for the same text and adapter: none lost, none mismatched. Throughput (texts
    per second), p50 / p99 latency. The clients share the machine with the server.
+3. Overload: the server with its defaults, 32 clients each sending 256 texts in a loop (after a
+   429, waiting what ``Retry-After`` says): p50 / p99 of the accepted requests against the
+   deadline, how many were refused (429) or expired (504), none accepted lost or wrong.
+   ``--parts overload`` runs this part alone.
 """
 import copy
 import json
@@ -67,6 +71,9 @@ LOAD_MODES = {"batching on": ["--max-batch", "64", "--batch-wait-ms", "5"],
               "batching off": ["--max-batch", "1", "--batch-wait-ms", "0"]}
 PROBABILITY_TOLERANCE = 1e-4  # server (mixed batches) against offline (merged, alone)
 STARTUP_SECONDS, REQUEST_SECONDS = 300, 120
+# Part 3: the load that made p50 21 s before the queue had a bound.
+OVERLOAD_CLIENTS = 32
+OVERLOAD_TEXTS = 256  # --max-texts' default: the largest request allowed
 
 
 # ----------------------------------------------------------------------------- part 1
@@ -332,17 +339,99 @@ def load_part(args) -> str:
             + markdown_table(["mode", "requests", "texts", "texts / s", "p50 ms", "p99 ms", "failed"], rows))
 
 
+# ----------------------------------------------------------------------------- part 3
+def overload_client(url: str, deadline: float, texts: list[str], expected: dict, results: list) -> None:
+    """Send all ``texts`` to one adapter in a loop until ``deadline``, as fast as answers come;
+    after a 429, wait what ``Retry-After`` says. Records ``(status, latency s, ok)``; ``ok``: a 200
+    whose every prediction equals ``predict.py``'s (other statuses: None)."""
+    import httpx
+    name = sorted(expected)[0]
+    with httpx.Client(timeout=REQUEST_SECONDS) as session:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                response = session.post(f"{url}/v1/classify", json={"adapter": name, "texts": texts})
+                status = response.status_code
+            except httpx.HTTPError:
+                results.append(("lost", time.perf_counter() - started, False))
+                continue
+            latency = time.perf_counter() - started
+            ok = None
+            if status == 200:
+                answer = response.json()["predictions"]
+                ok = len(answer) == len(texts) and all(
+                    prediction["label"] == expected[name]["labels"][int(expected[name]["rows"][r].argmax())]
+                    and max(abs(p - w) for p, w in zip(prediction["probabilities"].values(), expected[name]["rows"][r]))
+                    <= PROBABILITY_TOLERANCE for r, prediction in enumerate(answer))
+            results.append((status, latency, ok))
+            if status == 429:
+                time.sleep(float(response.headers["Retry-After"]))
+
+
+def overload_part(args) -> str:
+    """Far more work than the server can do: every client sends the largest request allowed
+    (``OVERLOAD_TEXTS``) in a loop. The server's defaults bound the queue (429 beyond it) and the
+    wait (504 past the deadline): the accepted requests' p99 must stay under the deadline, and
+    every accepted answer must be right."""
+    seconds = QUICK_LOAD_SECONDS if args.quick else args.load_seconds
+    clients = QUICK_LOAD_CLIENTS if args.quick else OVERLOAD_CLIENTS
+    texts = read_table(BUNDLED_DIR / "test.csv")["text"].head(OVERLOAD_TEXTS).tolist()
+    from lora.batching import DEFAULT_MAX_QUEUED_TEXTS, DEFAULT_REQUEST_TIMEOUT_S
+    with tempfile.TemporaryDirectory() as directory:
+        folders = write_load_adapters(Path(directory) / "adapters")
+        model, tokenizer = load_classifier(folders["adapter0"], device="cpu")
+        expected = {"adapter0": {"labels": model.adapter_config["labels"],
+                                 "rows": predict_proba(model, tokenizer, texts, progress=False)}}
+        del model
+        results: list = []
+        with running_server(Path(directory) / "adapters", [], Path(directory) / "overload.log") as url:
+            print(f"  overload: {clients} clients x {OVERLOAD_TEXTS} texts, {seconds:g} s", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + seconds
+            threads = [threading.Thread(target=overload_client, args=(url, deadline, texts, expected, results))
+                       for _ in range(clients)]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
+    accepted = sorted(latency for status, latency, _ in results if status == 200)
+    count = {status: sum(1 for s, _, _ in results if s == status) for status in (200, 429, 504, "lost")}
+    wrong = sum(1 for status, _, ok in results if status == 200 and not ok)
+    other = len(results) - sum(count.values())
+    p50 = statistics.median(accepted) if accepted else float("nan")
+    p99 = accepted[min(len(accepted) - 1, int(0.99 * len(accepted)))] if accepted else float("nan")
+    answered_all = not (wrong or count[504] or count["lost"] or other)
+    verdict = "PASS" if accepted and p99 < DEFAULT_REQUEST_TIMEOUT_S and answered_all and count[429] else "MISS"
+    row = [clients, OVERLOAD_TEXTS, count[200], f"{len(accepted) * OVERLOAD_TEXTS / elapsed:.1f}",
+           f"{1000 * p50:.0f}", f"{1000 * p99:.0f}", count[429], count[504], count["lost"] + other, wrong, verdict]
+    return (f"### 3. lora-serve overloaded: {clients} clients x {OVERLOAD_TEXTS} texts in a loop, {seconds:g} s\n\n"
+            f"The server's defaults: `--max-queued-texts {DEFAULT_MAX_QUEUED_TEXTS}`, `--request-timeout "
+            f"{DEFAULT_REQUEST_TIMEOUT_S:g}`. Each client sends the first {OVERLOAD_TEXTS} bundled test texts to one "
+            "MiniLM adapter in a loop and, after a 429, waits what `Retry-After` says. Latencies of the accepted "
+            "(200) requests; *504*: admitted, not answered in time; *wrong*: an accepted answer that differs from "
+            "`predict.py`'s; *lost*: no HTTP answer, or another status. Goal: p99 under the deadline "
+            f"({DEFAULT_REQUEST_TIMEOUT_S:g} s), excess requests refused with 429, nothing admitted lost (504 or no "
+            "answer) or wrong.\n\n"
+            + markdown_table(["clients", "texts / request", "accepted", "texts / s", "p50 ms", "p99 ms", "429",
+                              "504", "lost", "wrong", "goal"], [row]))
+
+
 def main(argv=None) -> None:
     parser = common.make_parser(__doc__.splitlines()[0], repeats=5)
     parser.add_argument("--load-seconds", type=float, default=LOAD_SECONDS,
                         help=f"length of each load test (default {LOAD_SECONDS:g}; {QUICK_LOAD_SECONDS:g} with --quick)")
     parser.add_argument("--clients", type=int, default=LOAD_CLIENTS,
                         help=f"concurrent clients (default {LOAD_CLIENTS}; {QUICK_LOAD_CLIENTS} with --quick)")
+    parser.add_argument("--parts", nargs="+", choices=["batch", "load", "overload"],
+                        help="run only these parts (default: all three)")
     args = common.parse_args(parser, argv)
     started, load_at_start = time.perf_counter(), common.load_average()
     models = ("roberta-tiny" if args.quick else "roberta-base", "minilm")
     counts, shape = (QUICK_ADAPTER_COUNTS, QUICK_BATCH) if args.quick else (ADAPTER_COUNTS, BATCH)
-    parts = [mixed_batch_part(models, counts, shape, args), load_part(args)]
+    runners = {"batch": lambda: mixed_batch_part(models, counts, shape, args), "load": lambda: load_part(args),
+                   "overload": lambda: overload_part(args)}
+    parts = [runners[name]() for name in (args.parts or runners)]
     common.report(args, "bench/serving.py", "bench/serving.py: many adapters on one base, and lora-serve under load",
                   "\n\n".join([*parts, common.run_summary(started, load_at_start)]))
 

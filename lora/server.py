@@ -6,11 +6,14 @@
     POST /v1/adapters/reload  read the adapters directory again -> {"added", "removed", "refused"}
     GET  /healthz             {"status": "ok", ...}; never needs the API key
 
-Every error is a 4xx (or 500) with ``{"error": "one line"}``, and the server keeps serving.
+Every error is a 4xx (or 500) with ``{"error": "one line"}``, and the server keeps serving. Under
+overload a request is refused at once with 429 and ``Retry-After`` (``--max-queued-texts``), and one
+not answered in time gets 504 (``--request-timeout``): see ``lora.batching``.
 With an API key (``LORA_API_KEY`` in the environment of ``lora-serve``) every route but
 ``/healthz`` needs ``Authorization: Bearer KEY``. The model work lives in ``lora.multi_inference``
 (what is served) and ``lora.batching`` (when it runs).
 """
+import asyncio
 import json
 import secrets
 from contextlib import asynccontextmanager
@@ -20,7 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .batching import DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_S, Batcher
+from .batching import (DEFAULT_MAX_QUEUED_TEXTS, DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_S, DEFAULT_REQUEST_TIMEOUT_S,
+                       Batcher, DeadlineExceeded, Overloaded)
 from .errors import UsageError
 from .multi_inference import ADAPTER_NAME, AdapterDirectory
 
@@ -34,20 +38,32 @@ class ServerLimits:
     max_body_bytes: int = 1_000_000  # 256 texts of ~4 KB each: far longer than any model input
     max_batch_rows: int = DEFAULT_MAX_ROWS
     max_wait_s: float = DEFAULT_MAX_WAIT_S
+    max_queued_texts: int = DEFAULT_MAX_QUEUED_TEXTS  # beyond it: 429 with Retry-After
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # past it: 504, the texts dropped
     api_key: str | None = None
 
 
-class RequestError(Exception):
-    """A bad request: answered with ``status`` and ``{"error": message}``."""
+# An oversized body is read and thrown away before the 413 goes out, up to this many bytes and
+# seconds (nginx's "lingering close"): a client that sends its whole body before it reads (no
+# ``Expect: 100-continue``, as Python's urllib) then reads the JSON error; answering at once and
+# closing would reset its connection mid-send ("connection reset" instead of the 413). A body
+# past these bounds is answered at once and its connection closed.
+DISCARD_BYTES = 64 * 1024 * 1024
+DISCARD_SECONDS = 10.0
 
-    def __init__(self, status: int, message: str):
+
+class RequestError(Exception):
+    """A bad request: answered with ``status``, ``{"error": message}`` and ``headers``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
     """The FastAPI app serving ``directory`` (its adapters set, reloads) within ``limits``."""
-    batcher = Batcher(_predictions(directory), limits.max_batch_rows, limits.max_wait_s)
+    batcher = Batcher(_predictions(directory), limits.max_batch_rows, limits.max_wait_s, limits.max_queued_texts,
+                      limits.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -59,7 +75,16 @@ def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
-        return JSONResponse({"error": str(error)}, status_code=error.status)
+        return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, error: Overloaded):
+        return JSONResponse({"error": str(error)}, status_code=429,
+                            headers={"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline_exceeded(request: Request, error: DeadlineExceeded):
+        return JSONResponse({"error": str(error)}, status_code=504)
 
     @app.exception_handler(UsageError)
     async def adapter_gone(request: Request, error: UsageError):  # dropped by a reload meanwhile
@@ -84,7 +109,8 @@ def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "adapters": len(directory.adapter_set.adapters), "batches": batcher.batches}
+        return {"status": "ok", "adapters": len(directory.adapter_set.adapters), "batches": batcher.batches,
+                "queued_texts": batcher.queued_texts, "refused": batcher.refused, "expired": batcher.expired}
 
     @app.get("/v1/adapters")
     async def adapters():
@@ -130,15 +156,24 @@ def _adapter_listing(directory: AdapterDirectory) -> dict:
 
 
 async def _read_json(request: Request, limit: int):
-    """The request body parsed as JSON; 413 past ``limit`` bytes (read no further), 400 if not JSON."""
+    """The request body parsed as JSON; 400 if not JSON; 413 past ``limit`` bytes, sent once
+    the rest of the body was read and thrown away (within ``DISCARD_BYTES`` and
+    ``DISCARD_SECONDS``; beyond them at once, closing the connection)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit}")
-    body = bytearray()
+    too_long = (f"request body of {declared} bytes is over the limit of {limit}" if declared.isdigit()
+                else f"request body is over the limit of {limit} bytes")
+    if declared.isdigit() and int(declared) > DISCARD_BYTES:
+        raise RequestError(413, too_long, {"Connection": "close"})
+    body, received = bytearray(), 0
+    deadline = asyncio.get_running_loop().time() + DISCARD_SECONDS
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        received += len(chunk)
+        if received <= limit:
+            body += chunk
+        elif received > DISCARD_BYTES or asyncio.get_running_loop().time() > deadline:
+            raise RequestError(413, too_long, {"Connection": "close"})
+    if received > limit:
+        raise RequestError(413, too_long)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -176,3 +211,8 @@ def check_limits(limits: ServerLimits) -> None:
             raise UsageError(f"{flag} must be at least 1, got {getattr(limits, name)}")
     if limits.max_wait_s < 0:
         raise UsageError(f"--batch-wait-ms must be >= 0, got {limits.max_wait_s * 1000:g}")
+    if limits.max_queued_texts < limits.max_texts:
+        raise UsageError(f"--max-queued-texts ({limits.max_queued_texts}) must be at least --max-texts "
+                         f"({limits.max_texts}): a full request could never be admitted")
+    if not limits.request_timeout_s > 0:
+        raise UsageError(f"--request-timeout must be > 0 seconds, got {limits.request_timeout_s:g}")

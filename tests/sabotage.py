@@ -20,6 +20,8 @@ LOOP = "tests/test_loop.py::"
 SEARCH = "tests/test_search.py::"
 VARIANTS = "tests/test_variants.py::"
 EXECUTION = "tests/test_execution.py::"
+CONSUMERS = "tests/test_consumers.py::"
+SERVE = "tests/test_serve.py::"
 
 
 @dataclass
@@ -189,6 +191,29 @@ SABOTAGES = [
     Sabotage("execution: --compile ignored", "lora/execution.py",
              "torch.compile(model) if compile else model", "model",
              (EXECUTION + "test_compile_gives_the_same_loss_and_gradients_and_a_run_saves_plain_names",)),
+    Sabotage("evaluation: metrics with dropout on", "lora/evaluation.py",
+             "    model.eval()\n    mine = ", "    mine = ",
+             (LOOP + "test_evaluation_runs_with_dropout_off_whatever_mode_the_model_is_in",)),
+    Sabotage("several adapters: a float base written as null taken for a quantized one", "lora/multi_inference.py",
+             'if config["quantize_base"] is not None:', 'if config.get("quantize_base", "none") != "none":',
+             (CONSUMERS + "test_predict_py_with_two_train_py_adapters_answers_each_row_as_each_does_alone",
+              "tests/test_serve.py::test_concurrent_requests_for_several_adapters_each_get_their_own_answers")),
+    Sabotage("export: a quantization note for a float base written as null", "lora/cli/export.py",
+             'if config["quantize_base"] is not None:', 'if config.get("quantize_base", "none") != "none":',
+             (CONSUMERS + "test_lora_export_notes_a_quantized_base_and_only_that",)),
+    Sabotage("adapter config: older files' 'none' taken for a scheme", "lora/quantize.py",
+             'return None if value in (None, "none") else value', "return value",
+             (CONSUMERS + "test_older_layouts_read_as_what_they_meant",)),
+    Sabotage("serve: no bound on the queued texts", "lora/batching.py",
+             "if self.queued_texts + len(texts) > self.max_queued_texts:", "if False:",
+             (SERVE + "test_the_batcher_refuses_past_its_bound_and_drops_requests_past_their_deadline",
+              SERVE + "test_overload_is_refused_with_429_and_a_late_request_gets_504_with_its_texts_dropped")),
+    Sabotage("serve: requests past their deadline still computed", "lora/batching.py",
+             "        request.expired = True\n        self._release(request)", "        self._release(request)",
+             (SERVE + "test_the_batcher_refuses_past_its_bound_and_drops_requests_past_their_deadline",)),
+    Sabotage("serve: an oversized body answered before it was read", "lora/server.py",
+             "        elif received > DISCARD_BYTES or", "        elif True or",
+             (SERVE + "test_a_body_far_over_the_limit_sent_whole_before_reading_gets_the_json_413",)),
 ]
 
 

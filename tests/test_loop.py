@@ -266,3 +266,26 @@ def test_train_called_from_python_refuses_an_invalid_setting_before_anything_hap
     with pytest.raises(training.UsageError, match="^--grad-accum must be at least 1, got 0$"):
         train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "run", grad_accum=0))
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_runs_with_dropout_off_whatever_mode_the_model_is_in():
+    """Validation and test metrics come from the model in eval mode: with dropout on, early
+    stopping and the best checkpoint would follow dropout's noise. The model's mode comes back."""
+    torch.manual_seed(0)
+    model = tiny_model(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    inject_lora(model, ("query", "value"), r=4, alpha=8.0, dropout=0.3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)  # so that the LoRA branch and its dropout matter
+    tokenizer = tiny_tokenizer()
+    data = toy_news(24, seed=3)
+    ids, labels = tokenize(data["text"], tokenizer, 32), data["label"].tolist()
+    model.eval()
+    expected = training.evaluate(model, ids, labels, 8, tokenizer.pad_token_id)
+    model.train()
+    for _ in range(2):
+        metrics, probabilities = training.evaluate(model, ids, labels, 8, tokenizer.pad_token_id)
+        assert model.training  # back in the mode it was in
+        assert metrics == expected[0]
+        assert torch.equal(probabilities, expected[1])  # the very same computation: bit for bit

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from conftest import LABELS, random_adapter  # noqa: E402
-from lora.batching import Batcher  # noqa: E402
+from lora.batching import Batcher, DeadlineExceeded, Overloaded  # noqa: E402
 from lora.inference import load_classifier, predict_proba  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +32,7 @@ API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STARTUP_SECONDS = 120  # importing torch, transformers and FastAPI on a loaded 2-core machine
 REQUEST_SECONDS = 30
-ADAPTERS = {"two": ["no", "yes"], "four": LABELS, "five": ["a", "b", "c", "d", "e"]}
+ADAPTERS = {"two": ["no", "yes"], "four": LABELS, "five": ["a", "b", "c", "d", "e"], "four_dora": LABELS}
 TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit beats forecasts",
          "new chip for online research", "war election minister troops", "the market said today"]
 # Offline predictions (merged, one adapter at a time) against the server's mixed batches:
@@ -77,12 +79,18 @@ def running_server(adapters_dir: Path, log: Path, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tiny_model_dir, tmp_path_factory):
-    """Three adapters, one of another base, and a link to an adapter outside the folder."""
+def adapters_dir(tiny_model_dir, trained_runs, tmp_path_factory):
+    """Three adapters: ``four`` and ``four_dora`` as train.py wrote them (AG News' labels; LoRA and
+    DoRA on a float base), ``two`` and ``five`` hand-made (train.py writes four labels only);
+    ``quantized``, a train.py run on an nf4 base (served alone by predict.py, refused here); one
+    of another base, and a link to an adapter outside the folder."""
     root = tmp_path_factory.mktemp("served")
-    for seed, (name, labels) in enumerate(ADAPTERS.items()):
-        random_adapter(tiny_model_dir, root / name, labels=labels, r=2 + 2 * seed, seed=seed,
-                       targets=("query", "value") if seed != 1 else ("value", "output.dense"))
+    shutil.copytree(trained_runs["lora"], root / "four")
+    shutil.copytree(trained_runs["dora"], root / "four_dora")
+    shutil.copytree(trained_runs["nf4"], root / "quantized")
+    random_adapter(tiny_model_dir, root / "two", labels=ADAPTERS["two"], r=2, seed=0)
+    random_adapter(tiny_model_dir, root / "five", labels=ADAPTERS["five"], r=6, seed=2,
+                   targets=("value", "output.dense"))
     other = random_adapter(tiny_model_dir, root / "other_base", seed=7)
     config = json.loads((other / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps({**config, "base_model": "roberta-large"}))
@@ -124,7 +132,7 @@ def check_answer(response, name, rows, offline) -> None:
 
 @pytest.mark.timeout(300)
 def test_concurrent_requests_for_several_adapters_each_get_their_own_answers(server, offline):
-    jobs = [(list(ADAPTERS)[i % 3], [(i + k) % len(TEXTS) for k in range(1 + i % 4)]) for i in range(36)]
+    jobs = [(list(ADAPTERS)[i % 4], [(i + k) % len(TEXTS) for k in range(1 + i % 4)]) for i in range(40)]
     before = httpx.get(f"{server}/healthz", timeout=REQUEST_SECONDS).json()["batches"]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda job: classify(server, job[0], [TEXTS[r] for r in job[1]]), jobs))
@@ -143,7 +151,7 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
                           timeout=REQUEST_SECONDS)
 
     bad = {
-        "unknown adapter": (lambda: classify(server, "nine", ["goal"]), 404, "unknown adapter 'nine'; served: five, four, two"),
+        "unknown adapter": (lambda: classify(server, "nine", ["goal"]), 404, "unknown adapter 'nine'; served: five, four, four_dora, two"),
         "empty texts": (lambda: classify(server, "two", []), 422, "texts must be a non-empty list of strings"),
         "texts not a list": (lambda: classify(server, "two", "goal"), 422, "texts must be a non-empty list"),
         "non-string text": (lambda: classify(server, "two", ["goal", 3]), 422, "texts[1] is a int, not a string"),
@@ -174,10 +182,11 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
 @pytest.mark.timeout(300)
 def test_listing_and_reload_pick_up_new_folders_and_drop_removed_ones(server, adapters_dir, offline):
     listing = httpx.get(f"{server}/v1/adapters", headers=AUTH, timeout=REQUEST_SECONDS).json()
-    assert [adapter["name"] for adapter in listing["adapters"]] == ["five", "four", "two"]
-    assert listing["adapters"][2] == {"name": "two", "labels": ["no", "yes"], "r": 2,
-                                      "target_modules": ["query", "value"], "dora": False}
-    assert [refused["name"] for refused in listing["refused"]] == ["linked", "other_base"]
+    assert [adapter["name"] for adapter in listing["adapters"]] == ["five", "four", "four_dora", "two"]
+    assert listing["adapters"][2] == {"name": "four_dora", "labels": LABELS, "r": 4,
+                                      "target_modules": ["query", "value"], "dora": True}
+    assert [refused["name"] for refused in listing["refused"]] == ["linked", "other_base", "quantized"]
+    assert "trained on a nf4 base" in listing["refused"][2]["reason"]
 
     shutil.copytree(adapters_dir / "two", adapters_dir / "two_again")
     shutil.move(adapters_dir / "four", adapters_dir.parent / "four_removed")
@@ -194,11 +203,49 @@ def test_listing_and_reload_pick_up_new_folders_and_drop_removed_ones(server, ad
     check_answer(classify(server, "four", TEXTS[:3]), "four", [0, 1, 2], offline)
 
 
+@pytest.mark.timeout(120)
+def test_a_body_far_over_the_limit_sent_whole_before_reading_gets_the_json_413(server):
+    # urllib sends no "Expect: 100-continue": it writes all 8 MB, then reads. Answered at once
+    # and closed, it saw "connection reset"; the server now reads the rest away first.
+    body = b'{"adapter": "two", "texts": ["' + b"g" * 8_000_000 + b'"]}'
+    request = urllib.request.Request(f"{server}/v1/classify", data=body,
+                                     headers={**AUTH, "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=REQUEST_SECONDS)
+    assert caught.value.code == 413
+    assert json.loads(caught.value.read()) == {"error": f"request body of {len(body)} bytes is over the limit of 4096"}
+
+
+@pytest.mark.timeout(300)
+def test_overload_is_refused_with_429_and_a_late_request_gets_504_with_its_texts_dropped(adapters_dir, offline,
+                                                                                       tmp_path):
+    # Batches close at 4 texts or after 800 ms; a request has 500 ms; at most 6 texts queued.
+    flags = ["--max-batch", "4", "--batch-wait-ms", "800", "--max-texts", "5", "--max-queued-texts", "6",
+             "--request-timeout", "0.5"]
+    with running_server(adapters_dir, tmp_path / "server.log", *flags) as (process, url):
+        before = httpx.get(f"{url}/healthz", timeout=REQUEST_SECONDS).json()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            late = pool.submit(classify, url, "four", TEXTS[:2])  # waits 800 ms for company: past its deadline
+            time.sleep(0.2)
+            refused = classify(url, "four", TEXTS[:5])  # 2 + 5 queued texts > 6
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert "the server is at capacity: 2 texts queued, 5 more would pass the limit of 6" in refused.json()["error"]
+            response = late.result(timeout=REQUEST_SECONDS)
+        assert response.status_code == 504, response.text
+        assert "no answer within the request timeout of 0.5 s" in response.json()["error"]
+        time.sleep(1)  # the batch it waited in has closed meanwhile: nothing left to run
+        health = httpx.get(f"{url}/healthz", timeout=REQUEST_SECONDS).json()
+        assert (health["batches"], health["queued_texts"]) == (before["batches"], 0)  # dropped, never computed
+        assert (health["refused"], health["expired"]) == (1, 1)
+        check_answer(classify(url, "four", TEXTS[:4]), "four", range(4), offline)  # a full batch runs at once
+
+
 @pytest.mark.timeout(300)
 def test_shutdown_answers_the_requests_in_flight(adapters_dir, offline, tmp_path):
     # A long batching wait keeps the requests in flight while SIGTERM arrives.
     with running_server(adapters_dir, tmp_path / "server.log", "--batch-wait-ms", "1500") as (process, url):
-        with ThreadPoolExecutor(max_workers=3) as pool:
+        with ThreadPoolExecutor(max_workers=len(ADAPTERS)) as pool:
             pending = [pool.submit(classify, url, name, TEXTS[:2]) for name in ADAPTERS]
             time.sleep(0.5)
             process.send_signal(signal.SIGTERM)
@@ -241,6 +288,45 @@ def test_the_batcher_mixes_requests_that_arrive_together_and_isolates_failures()
 
 
 @pytest.mark.timeout(30)
+def test_the_batcher_refuses_past_its_bound_and_drops_requests_past_their_deadline():
+    calls = []
+
+    def slow_predict(texts, adapters):
+        calls.append(list(texts))
+        time.sleep(0.3)
+        return list(texts)
+
+    async def overload():
+        batcher = Batcher(slow_predict, max_rows=8, max_wait_s=0, max_queued_texts=4)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit("a", ["1", "2", "3"]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded, match="3 texts queued, 2 more would pass the limit of 4; retry in 1 s") as caught:
+            await batcher.submit("a", ["4", "5"])
+        assert caught.value.retry_after_s == 1 and batcher.queued_texts == 3  # nothing of it queued
+        assert await first == ["1", "2", "3"] and batcher.queued_texts == 0
+        assert await batcher.submit("a", ["6", "7", "8", "9"]) == ["6", "7", "8", "9"]  # room again
+        await batcher.stop()
+        return batcher
+
+    batcher = asyncio.run(overload())
+    assert calls == [["1", "2", "3"], ["6", "7", "8", "9"]] and batcher.refused == 1
+
+    async def deadline():
+        batcher = Batcher(slow_predict, max_rows=1, max_wait_s=0, request_timeout_s=0.15)
+        await batcher.start()
+        results = await asyncio.gather(batcher.submit("a", ["x"]), batcher.submit("a", ["y"]), return_exceptions=True)
+        await asyncio.sleep(0.4)  # x's batch ends; y, still queued, must never run
+        await batcher.stop()
+        return batcher, results
+
+    calls.clear()
+    batcher, results = asyncio.run(deadline())
+    assert all(isinstance(result, DeadlineExceeded) for result in results), results
+    assert calls == [["x"]] and batcher.queued_texts == 0 and batcher.expired == 2
+
+
+@pytest.mark.timeout(30)
 def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
     from lora.cli.serve import main
     from lora.errors import run_command
@@ -250,6 +336,9 @@ def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["--adapters-dir", str(tmp_path / "empty")], "no adapter in the sub-folders of"),
         (["--adapters-dir", str(tmp_path / "empty"), "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
         (["--adapters-dir", str(tmp_path / "empty"), "--port", "70000"], "--port must be in 0..65535"),
+        (["--adapters-dir", str(tmp_path / "empty"), "--max-queued-texts", "100"],
+         "--max-queued-texts (100) must be at least --max-texts (256)"),
+        (["--adapters-dir", str(tmp_path / "empty"), "--request-timeout", "0"], "--request-timeout must be > 0"),
     ]:
         with pytest.raises(SystemExit) as caught:
             run_command(lambda: main(argv))

@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="texts per mixed batch; 1 turns batching across requests off " + DEFAULTS_NOTE)
     parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_MAX_WAIT_S * 1000,
                         help="how long a request may wait for others to batch with " + DEFAULTS_NOTE)
+    parser.add_argument("--max-queued-texts", type=int, default=limits.max_queued_texts,
+                        help="texts admitted and not yet answered; a request beyond it gets 429 with Retry-After "
+                             + DEFAULTS_NOTE)
+    parser.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
+                        help="seconds a request may take; past it 504 and its texts leave the queue " + DEFAULTS_NOTE)
     parser.add_argument("--max-texts", type=int, default=limits.max_texts, help="texts per request " + DEFAULTS_NOTE)
     parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes,
                         help="request body size limit " + DEFAULTS_NOTE)
@@ -57,6 +62,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     limits = ServerLimits(max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
                           max_batch_rows=args.max_batch, max_wait_s=args.batch_wait_ms / 1000,
+                          max_queued_texts=args.max_queued_texts, request_timeout_s=args.request_timeout,
                           api_key=os.environ.get(API_KEY_VARIABLE) or None)
     check_limits(limits)
     directory = AdapterDirectory(args.adapters_dir, args.base, args.device)
