@@ -115,8 +115,9 @@ def random_adapter(model_dir, directory, labels=LABELS, targets=("query", "value
     """A hand-made adapter for the model in ``model_dir``, for what train.py cannot write:
     label sets other than AG News' four (train.py's data always has those), and B matrices,
     DoRA magnitudes, heads and other fully trained modules random enough that every layer
-    matters. Consumers are tested on train.py's own folders (``trained_runs``) first; use this
-    only for what those cannot show. ``inject``: more ``inject_lora`` arguments (``dora``,
+    matters. Its config is the producer's (``producer_config``). Consumers are tested on
+    train.py's own folders (``trained_runs``) first; use this only for what those cannot show.
+    ``inject``: more ``inject_lora`` arguments (``dora``,
     ``init="pissa"``, ``rslora``, ``trainable_modules``). Returns the folder."""
     from lora import inject_lora, lora_layers, save_adapter
     from lora.backbone import load_classifier_model
@@ -133,8 +134,15 @@ def random_adapter(model_dir, directory, labels=LABELS, targets=("query", "value
         for name, parameter in model.named_parameters():  # other modules trained in full, if any
             if parameter.requires_grad and "lora_" not in name and not name.startswith("classifier."):
                 parameter.add_(0.2 * torch.randn_like(parameter))
-    return save_adapter(directory, model, {"base_model": str(model_dir), "labels": list(labels),
-                                           "max_length": max_length, "clean": clean})
+    return save_adapter(directory, model, producer_config(model_dir, labels, max_length=max_length, clean=clean))
+
+
+def producer_config(model_dir, labels=LABELS, **settings) -> dict:
+    """What train.py records beside the LoRA settings for a run of these ``settings`` (its own
+    function, ``lora.training.adapter_config``): a hand-made adapter's config is the producer's,
+    only its tensors are made by hand."""
+    from lora.training import adapter_config
+    return adapter_config(TrainConfig(model=str(model_dir), **settings), list(labels))
 
 
 @pytest.fixture(scope="session")

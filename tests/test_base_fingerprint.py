@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import LABELS, tiny_model, tiny_tokenizer
+from conftest import LABELS, producer_config, tiny_model, tiny_tokenizer
 from lora import apply_adapter, inject_lora, load_adapter, lora_layers, quantize_base, save_adapter
 from lora.adapter import BaseMismatch
 from lora.backbone import load_classifier_model
@@ -27,13 +27,15 @@ def other_base_dir(tmp_path_factory):
 
 
 def make_run(model_dir, directory) -> str:
+    """An adapter of the model in ``model_dir`` whose B is random, so that another base's weights
+    would change its predictions (hand-made tensors; the config is train.py's)."""
     torch.manual_seed(0)
     model = load_classifier_model(str(model_dir), LABELS)
     inject_lora(model, ("query", "value"), r=4, alpha=8.0)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_B.normal_(std=0.3)
-    save_adapter(directory, model, {"base_model": str(model_dir), "labels": LABELS, "max_length": 16})
+    save_adapter(directory, model, producer_config(model_dir, max_length=16))
     return str(directory)
 
 

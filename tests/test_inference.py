@@ -16,7 +16,7 @@ from datasets import Dataset
 from tokenizers import processors
 
 import lora.inference as inference
-from conftest import LABELS, MODEL_TOLERANCE, toy_news
+from conftest import LABELS, MODEL_TOLERANCE, producer_config, toy_news
 from lora import inject_lora, lora_layers, save_adapter
 from lora.backbone import load_classifier_model
 from lora.data import clean_text
@@ -31,7 +31,8 @@ TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit
 
 
 def make_adapter(model_dir, directory, seed=0, clean=True, max_length=16) -> Path:
-    """A LoRA adapter for the tiny model whose B matrices and head are random, so it matters."""
+    """A LoRA adapter for the tiny model whose B matrices and head are random, so that merging and
+    cleaning visibly matter (hand-made tensors; the config is train.py's, ``producer_config``)."""
     torch.manual_seed(seed)
     model = load_classifier_model(str(model_dir), LABELS)
     inject_lora(model, ("query", "value"), r=4, alpha=8.0)
@@ -40,8 +41,7 @@ def make_adapter(model_dir, directory, seed=0, clean=True, max_length=16) -> Pat
             layer.lora_B.normal_(std=0.5)
         for parameter in model.classifier.parameters():
             parameter.normal_(std=0.5)
-    return save_adapter(directory, model, {"base_model": str(model_dir), "labels": LABELS,
-                                           "max_length": max_length, "clean": clean})
+    return save_adapter(directory, model, producer_config(model_dir, max_length=max_length, clean=clean))
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LABELS
+from conftest import LABELS, producer_config
 from lora.cli.inspect_lora import main, strict_json
 from lora import DoRALinear, LoRALinear, inject_lora, save_adapter
 from lora.backbone import load_classifier_model
@@ -172,8 +172,7 @@ def test_merge_gap_is_float_rounding_and_leaves_the_model_unmerged(tiny_model_di
 def test_the_command_prints_every_layer_and_draws_the_plot(tiny_model_dir, tmp_path, capsys):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     inject_lora(model, r=4, alpha=8.0)
-    save_adapter(tmp_path, model, {"base_model": str(tiny_model_dir), "labels": LABELS,
-                                   "max_length": 32, "clean": False})
+    save_adapter(tmp_path, model, producer_config(tiny_model_dir))
     main(["--adapter", str(tmp_path), "--plot", str(tmp_path / "plot.png")])
     out = capsys.readouterr().out
     assert "total" in out and out.count("attention.self.") >= 8  # parameter table + stats rows
@@ -190,7 +189,7 @@ def saved_adapter(folder, model_dir, r: int, seed: int):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
-    save_adapter(folder, model, {"base_model": str(model_dir), "labels": LABELS, "max_length": 32, "clean": False})
+    save_adapter(folder, model, producer_config(model_dir))
     return model
 
 
@@ -209,7 +208,7 @@ def test_the_command_prints_json_for_scripts(tiny_model_dir, tmp_path, capsys):
 def test_json_of_an_untrained_adapter_reads_rank_zero(tiny_model_dir, tmp_path, capsys):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     inject_lora(model, r=2, alpha=4.0)  # B = 0: delta_W = 0
-    save_adapter(tmp_path, model, {"base_model": str(tiny_model_dir), "labels": LABELS, "max_length": 32})
+    save_adapter(tmp_path, model, producer_config(tiny_model_dir))
     main(["--adapter", str(tmp_path), "--json"])
     layers = json.loads(capsys.readouterr().out)["layers"]
     assert {(layer["amplification"], layer["energy_rank"], layer["entropy_rank"]) for layer in layers} == {(0.0, 0, 0.0)}

@@ -3,6 +3,7 @@ row what its adapter gives loaded alone and merged, for mixed ranks, targets, va
 counts; rows without an adapter get the base; bad adapters are refused in one line."""
 import copy
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -24,10 +25,11 @@ TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit
          "<b>Scientists</b> unveil a new chip &lt;online&gt;", " ".join(["war election minister"] * 40),
          "match", "software internet research", "the market said shares fell today"]
 # name: labels, rank, targets, variant; together: ranks 2..8, four target sets, 2/3/4/5 labels.
+# "four" is train.py's DoRA run (cleaned text, max length 12, LayerNorms trained in full too); the
+# others are hand-made: train.py writes AG News' four labels only.
 ADAPTERS = {
     "two": dict(labels=["no", "yes"], r=2, targets=("query", "value")),
-    "four": dict(labels=LABELS, r=4, targets=("value", "output.dense"), clean=True, max_length=8,
-                 trainable_modules=("classifier", "output.LayerNorm")),  # LayerNorms trained in full too
+    "four": dict(labels=LABELS),
     "five": dict(labels=["a", "b", "c", "d", "e"], r=8, targets=("query", "key", "value", "intermediate.dense"),
                  dora=True),
     "pissa": dict(labels=["p", "q", "r"], r=3, targets=("value", "attention.output.dense"), init="pissa",
@@ -36,9 +38,10 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tiny_model_dir, tmp_path_factory):
+def adapter_dirs(tiny_model_dir, trained_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {name: random_adapter(tiny_model_dir, root / name, seed=seed, **settings)
+    return {name: shutil.copytree(trained_runs["dora"], root / name) if name == "four" else
+            random_adapter(tiny_model_dir, root / name, seed=seed, **settings)
             for seed, (name, settings) in enumerate(ADAPTERS.items())}
 
 

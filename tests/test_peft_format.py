@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from conftest import LABELS, tiny_model, tiny_tokenizer
+from conftest import LABELS, producer_config, tiny_model, tiny_tokenizer
 from lora import inject_lora, lora_layers, save_adapter
 from lora.backbone import load_classifier_model
 from lora.cli.export import main as export_main
@@ -44,7 +44,8 @@ def our_logits(adapter_dir, **options) -> torch.Tensor:
 
 
 def make_run(model_dir, directory, targets=("query", "value"), layers=None, seed=0, **variant):
-    """A run folder whose adapter is random (B, DoRA's magnitude, the head), so that it matters."""
+    """A run folder whose adapter is random (B, DoRA's magnitude, the head), so that it matters in
+    every layer (hand-made tensors; the config is train.py's, ``producer_config``)."""
     torch.manual_seed(seed)
     model = load_classifier_model(str(model_dir), LABELS)
     inject_lora(model, targets, r=4, alpha=8.0, layers=layers, **variant)
@@ -55,8 +56,7 @@ def make_run(model_dir, directory, targets=("query", "value"), layers=None, seed
                 layer.lora_magnitude.mul_(1 + 0.1 * torch.randn_like(layer.lora_magnitude))
         for parameter in model.classifier.parameters():
             parameter.normal_(std=0.5)
-    return save_adapter(directory, model, {"base_model": str(model_dir), "labels": LABELS,
-                                           "max_length": 32, "clean": False})
+    return save_adapter(directory, model, producer_config(model_dir))
 
 
 def peft_classifier(exported) -> torch.nn.Module:
