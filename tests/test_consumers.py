@@ -9,13 +9,14 @@ files at the end, the one thing the producer of today cannot make.
 """
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import LABELS, MODEL_TOLERANCE, TRAINED_RUNS
+from conftest import LABELS, MODEL_TOLERANCE, TRAINED_RUNS, tiny_model, tiny_tokenizer
 from lora.adapter import CONFIG_NAME, OPTIONAL_KEYS, REQUIRED_KEYS, load_adapter, read_config
 from lora.cli.export import main as export_main
 from lora.cli.inspect_lora import main as inspect_main
@@ -155,3 +156,17 @@ def test_older_layouts_read_as_what_they_meant(trained_runs, tmp_path):
     want = predict_proba(*load_classifier(trained_runs["lora"], "cpu"), texts, progress=False)
     for row, expected in zip(rows, want):
         np.testing.assert_allclose(row, expected, **MODEL_TOLERANCE)
+
+
+@pytest.mark.timeout(60)
+def test_an_adapter_folder_written_by_lora_0_3_0_still_loads_and_predicts(tmp_path):
+    """``tests/fixtures/adapter-0.3.0``: an adapter folder (and its predictions) as lora 0.3.0
+    wrote them, before the redesign, for the tiny RoBERTa of ``tiny_model(0)``."""
+    fixture = Path(__file__).parent / "fixtures" / "adapter-0.3.0"
+    base = tmp_path / "tiny"
+    tiny_model(0).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    expected = json.loads((fixture / "expected.json").read_text())
+    model, tokenizer = load_classifier(fixture, "cpu", base_model=str(base))  # its fingerprint matches
+    probabilities = predict_proba(model, tokenizer, expected["texts"], progress=False)
+    np.testing.assert_allclose(probabilities, expected["probabilities"], **MODEL_TOLERANCE)
