@@ -42,7 +42,7 @@ def provenance() -> dict:
 def version_warning(adapter_config: dict) -> str | None:
     """One line when the adapter was written by another major version of this package;
     ``None`` when the major versions agree or the adapter does not say (written before 0.3)."""
-    trained = adapter_config["provenance"].get("lora_version")
+    trained = (adapter_config.get("provenance") or {}).get("lora_version")
     if trained is None or trained.split(".")[0] == __version__.split(".")[0]:
         return None
     return (f"this adapter was trained with lora {trained} and this is lora {__version__}, "
