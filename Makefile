@@ -1,6 +1,6 @@
 # The two commands. Each creates .venv (or reuses it) and installs what it needs first:
 #   make train    the main job: roberta-base with a CUDA GPU and the hub, else the offline demo
-#   make test     the test suite
+#   make test     lint (ruff check), format check (ruff format --check), the test suite
 #   make test-portable   the suite under five settings that change float reduction order (tests/README.md)
 # Extra flags go through: make train ARGS="--epochs 1", make test ARGS="-k adapter".
 .PHONY: train test test-portable
@@ -19,6 +19,8 @@ train: $(STAMP)
 	$(PYTHON) -m lora.cli.quickstart $(ARGS)
 
 test: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
 
 # One CPU computes floats in other orders than the next (AVX-512 or AVX2 kernels, MKL's code path,

@@ -1,4 +1,5 @@
 """``python export.py ...`` is ``lora-export ...``: the command lives in ``lora/cli/export.py``."""
+
 from lora.cli.export import run
 
 if __name__ == "__main__":

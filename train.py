@@ -1,4 +1,5 @@
 """``python train.py ...`` is ``lora-train ...``: the command lives in ``lora/cli/train.py``."""
+
 from lora.cli.train import run
 
 if __name__ == "__main__":

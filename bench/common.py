@@ -7,6 +7,7 @@ value with the classifier head trainable and the same r, alpha and dropout. Any 
 with activation checkpointing and compiled (``lora.execution``, what ``train.py``'s
 ``--gradient-checkpointing`` and ``--compile`` do).
 """
+
 import argparse
 import copy
 import ctypes
@@ -27,45 +28,59 @@ import torch
 from torch import nn
 
 from lora import inject_lora, quantize_base
-from lora.backbone import load_classifier_model
-from lora.execution import checkpoint_activations
+from lora.classifier import load_classifier_model
+from lora.train.execution import checkpoint_activations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 TARGET_MODULES = ("query", "value")
 LORA_DROPOUT = 0.0
-MIB = 2 ** 20
+MIB = 2**20
 # Random-weight RoBERTa shapes (timing needs no pretrained weights); roberta-tiny is for --quick.
 ROBERTA_SHAPES = {
     "roberta-base": dict(max_position_embeddings=514, type_vocab_size=1),  # its config.json
-    "roberta-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=128),
+    "roberta-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
 }
-INTRO = ("# Benchmarks\n\nWritten by the scripts in `bench/` (not part of the test suite or CI); "
-         "each script replaces only its own section. Times are medians over interleaved rounds; "
-         "a ratio is the median of the per-round ratios; its target is met (PASS) when "
-         "the ratio is at or below it.\n")
+INTRO = (
+    "# Benchmarks\n\nWritten by the scripts in `bench/` (not part of the test suite or CI); "
+    "each script replaces only its own section. Times are medians over interleaved rounds; "
+    "a ratio is the median of the per-round ratios; its target is met (PASS) when "
+    "the ratio is at or below it.\n"
+)
 
 
 # ----------------------------------------------------------------------------- command line
 def make_parser(description: str, repeats: int) -> argparse.ArgumentParser:
     """The options every benchmark script shares; ``repeats`` is the default of a full run."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA when available (fp16 autocast + GradScaler there)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny shapes, 1 repeat; prints only, unless --output")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help=f"timed rounds after the warm-up (default {repeats}; 1 with --quick)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available (fp16 autocast + GradScaler there)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny shapes, 1 repeat; prints only, unless --output"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help=f"timed rounds after the warm-up (default {repeats}; 1 with --quick)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice, one per core); 1 on a "
-                             "machine whose cores other busy processes share, where threads "
-                             "wait for each other at every parallel op")
-    parser.add_argument("--output", type=Path, default=None,
-                        help=f"markdown file for the results (default {BENCHMARKS_MD.name} "
-                             "in the repo root; none with --quick)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice, one per core); 1 on a "
+        "machine whose cores other busy processes share, where threads "
+        "wait for each other at every parallel op",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"markdown file for the results (default {BENCHMARKS_MD.name} in the repo root; none with --quick)",
+    )
     parser.set_defaults(full_repeats=repeats)
     return parser
 
@@ -100,6 +115,7 @@ class Setup:
     """One training configuration: model shape, variant, LoRA rank/alpha and batch shape;
     for ``ours``, the frozen base optionally quantized (``int8``, ``nf4``, ``nf4+dq``); any
     variant with its encoder layers' activations checkpointed, and compiled."""
+
     model: str
     variant: str
     batch_size: int
@@ -120,6 +136,7 @@ def build_base_model(name: str) -> nn.Module:
         model = load_classifier_model("minilm", LABELS)
     else:
         from transformers import RobertaConfig, RobertaForSequenceClassification
+
         model = RobertaForSequenceClassification(RobertaConfig(num_labels=len(LABELS), **ROBERTA_SHAPES[name]))
     model.config.problem_type = "single_label_classification"
     return model
@@ -129,16 +146,23 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
     """The model of ``setup``: its variant of a copy of ``base`` (None: built anew)."""
     model = build_base_model(setup.model) if base is None else copy.deepcopy(base)
     if setup.variant == "ours":
-        inject_lora(model, TARGET_MODULES, r=setup.r, alpha=setup.alpha, dropout=LORA_DROPOUT,
-                    trainable_modules=("classifier",))
+        inject_lora(
+            model, TARGET_MODULES, r=setup.r, alpha=setup.alpha, dropout=LORA_DROPOUT, trainable_modules=("classifier",)
+        )
         if setup.quantize is not None:
             scheme, _, double_quant = setup.quantize.partition("+")
             quantize_base(model, scheme, double_quant == "dq")
     elif setup.variant == "peft":
         from peft import LoraConfig, TaskType, get_peft_model
-        config = LoraConfig(r=setup.r, lora_alpha=setup.alpha, target_modules=list(TARGET_MODULES),
-                            lora_dropout=LORA_DROPOUT, modules_to_save=["classifier"],
-                            task_type=TaskType.SEQ_CLS)
+
+        config = LoraConfig(
+            r=setup.r,
+            lora_alpha=setup.alpha,
+            target_modules=list(TARGET_MODULES),
+            lora_dropout=LORA_DROPOUT,
+            modules_to_save=["classifier"],
+            task_type=TaskType.SEQ_CLS,
+        )
         model = get_peft_model(model, config)
     elif setup.variant not in ("base", "full"):
         raise ValueError(f"unknown variant {setup.variant!r}")
@@ -147,8 +171,9 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
     return torch.compile(model) if setup.compiled else model
 
 
-def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device,
-               labels: bool = True) -> dict[str, torch.Tensor]:
+def make_batch(
+    model: nn.Module, batch_size: int, seq_len: int, device: torch.device, labels: bool = True
+) -> dict[str, torch.Tensor]:
     """A seeded random batch of ``batch_size`` full-length sequences (no padding)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, model.config.vocab_size, (batch_size, seq_len), generator=generator)
@@ -178,6 +203,7 @@ def training_step(model: nn.Module, batch: dict, device: torch.device) -> Callab
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -188,17 +214,18 @@ def inference_step(model: nn.Module, batch: dict, device: torch.device) -> Calla
     def step() -> None:
         with torch.inference_mode(), autocast(device):
             model(**batch)
+
     return step
 
 
-def build_training_steps(setups: dict[str, Setup], device: torch.device,
-                         base: nn.Module | None = None) -> dict[str, Callable[[], None]]:
+def build_training_steps(
+    setups: dict[str, Setup], device: torch.device, base: nn.Module | None = None
+) -> dict[str, Callable[[], None]]:
     """One training step function per named setup, each on its own copy of ``base``."""
     steps = {}
     for name, setup in setups.items():
         model = build(setup, base)
-        steps[name] = training_step(model, make_batch(model, setup.batch_size, setup.seq_len,
-                                                      device), device)
+        steps[name] = training_step(model, make_batch(model, setup.batch_size, setup.seq_len, device), device)
     return steps
 
 
@@ -209,8 +236,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def round_robin(calls: dict[str, Callable[[], float]], repeats: int,
-                warmup: int) -> dict[str, list[float]]:
+def round_robin(calls: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, list[float]]:
     """The values the functions return, run round-robin: ``warmup`` rounds discarded, then
     ``repeats`` rounds kept, so that drift in the machine's load hits every function alike;
     entry ``i`` of every list comes from the same round. Every other round runs in reverse
@@ -221,9 +247,12 @@ def round_robin(calls: dict[str, Callable[[], float]], repeats: int,
         names = list(calls) if round_index % 2 == 0 else list(reversed(calls))
         results = {name: calls[name]() for name in names}
         kind = "warm-up" if round_index < warmup else "round"
-        print(f"  {kind} {round_index + 1}/{warmup + repeats}: "
-              + ", ".join(f"{name} {value:.4g}" for name, value in results.items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"  {kind} {round_index + 1}/{warmup + repeats}: "
+            + ", ".join(f"{name} {value:.4g}" for name, value in results.items()),
+            file=sys.stderr,
+            flush=True,
+        )
         if round_index >= warmup:
             for name, value in results.items():
                 values[name].append(value)
@@ -232,20 +261,22 @@ def round_robin(calls: dict[str, Callable[[], float]], repeats: int,
 
 def timed(call: Callable[[], None], device: torch.device) -> Callable[[], float]:
     """``call`` made to return its wall time in seconds (CUDA synchronized before and after)."""
+
     def run() -> float:
         synchronize(device)
         start = time.perf_counter()
         call()
         synchronize(device)
         return time.perf_counter() - start
+
     return run
 
 
-def interleaved_times(calls: dict[str, Callable[[], None]], device: torch.device,
-                      repeats: int, warmup: int) -> dict[str, list[float]]:
+def interleaved_times(
+    calls: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, list[float]]:
     """Seconds per call of each function, per timed round (see ``round_robin``)."""
-    return round_robin({name: timed(call, device) for name, call in calls.items()},
-                       repeats, warmup)
+    return round_robin({name: timed(call, device) for name, call in calls.items()}, repeats, warmup)
 
 
 def medians(values: dict[str, list[float]]) -> dict[str, float]:
@@ -264,17 +295,16 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(paired_ratios(times, numerator, denominator))
 
 
-def paired_ratio_cell(times: dict[str, list[float]], numerator: str, denominator: str,
-                      target: float | None = None) -> str:
+def paired_ratio_cell(
+    times: dict[str, list[float]], numerator: str, denominator: str, target: float | None = None
+) -> str:
     """``ratio_cell`` of ``paired_ratio``, then the range of the per-round ratios."""
     ratios = paired_ratios(times, numerator, denominator)
-    return (f"{ratio_cell(statistics.median(ratios), target)}; "
-            f"rounds {min(ratios):.2f}-{max(ratios):.2f}")
+    return f"{ratio_cell(statistics.median(ratios), target)}; rounds {min(ratios):.2f}-{max(ratios):.2f}"
 
 
 # ----------------------------------------------------------------------------- memory
-def measure_training_memory(setup: Setup, device: torch.device,
-                            steps: int = 2) -> dict[str, float]:
+def measure_training_memory(setup: Setup, device: torch.device, steps: int = 2) -> dict[str, float]:
     """Peak memory (MiB) of ``steps`` training steps of ``setup`` in a fresh spawned process.
 
     Returns ``loaded`` (after building model, optimizer and batch and one no-grad forward),
@@ -291,12 +321,16 @@ def measure_training_memory(setup: Setup, device: torch.device,
 
 def memory_note(device: torch.device) -> str:
     """How ``measure_training_memory`` measures, for the reports."""
-    unit = ("MiB of CUDA memory allocated" if device.type == "cuda" else
-            "MiB of resident set size (glibc's mmap threshold fixed at 128 KiB, so that freed "
-            "tensors leave it)")
-    return (f"Memory: {unit}, two training steps in a fresh process per measurement; *loaded*: "
-            "after building model, optimizer and batch and one no-grad forward of a 1 x 8 batch "
-            "(lazy imports, one-time set-up); *increase*: peak - loaded.")
+    unit = (
+        "MiB of CUDA memory allocated"
+        if device.type == "cuda"
+        else "MiB of resident set size (glibc's mmap threshold fixed at 128 KiB, so that freed tensors leave it)"
+    )
+    return (
+        f"Memory: {unit}, two training steps in a fresh process per measurement; *loaded*: "
+        "after building model, optimizer and batch and one no-grad forward of a 1 x 8 batch "
+        "(lazy imports, one-time set-up); *increase*: peak - loaded."
+    )
 
 
 def _memory_child(setup: Setup, device_name: str, steps: int) -> dict[str, float]:
@@ -395,16 +429,21 @@ def load_line(start: float, end: float) -> str:
 def run_summary(started: float, load_at_start: float) -> str:
     """Markdown bullets: the run's wall-clock minutes since ``started`` (``time.perf_counter``)
     and the load averages at its start and now (see ``load_line``)."""
-    return (f"- Whole run: {(time.perf_counter() - started) / 60:.1f} minutes wall clock\n"
-            f"- {load_line(load_at_start, load_average())}")
+    return (
+        f"- Whole run: {(time.perf_counter() - started) / 60:.1f} minutes wall clock\n"
+        f"- {load_line(load_at_start, load_average())}"
+    )
 
 
 def versions_line() -> str:
     """Python, torch, transformers and peft versions."""
     import peft
     import transformers
-    return (f"python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, peft {peft.__version__}")
+
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}"
+    )
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -427,20 +466,27 @@ def report(args, script: str, title: str, body: str, device_line: str | None = N
     the section between its markers is replaced, the rest of the file is kept. ``device_line``
     replaces the default device and timing line (for a script that is not an interleaved timing)."""
     module = Path(script).with_suffix("").as_posix().replace("/", ".")
-    device_note = ("CUDA, fp16 autocast + GradScaler" if args.device.type == "cuda"
-                   else "CPU, float32")
-    section = "\n".join([
-        f"<!-- BEGIN {script} -->", f"## {title}", "",
-        f"- Command: `python -m {module}{' ' + args.command if args.command else ''}` "
-        "(from the repo root, `HF_HUB_OFFLINE=1`)",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {machine_line(args.device)}",
-        f"- Versions: {versions_line()}",
-        f"- Device: {device_line}" if device_line else
-        f"- Device: {device_note}; timing: {args.warmup} warm-up round(s), then {args.repeats} "
-        "timed round(s), variants interleaved (A B C A B C ...); times: medians; "
-        "ratios: median of the per-round ratios",
-        "", body.strip(), f"<!-- END {script} -->"])
+    device_note = "CUDA, fp16 autocast + GradScaler" if args.device.type == "cuda" else "CPU, float32"
+    section = "\n".join(
+        [
+            f"<!-- BEGIN {script} -->",
+            f"## {title}",
+            "",
+            f"- Command: `python -m {module}{' ' + args.command if args.command else ''}` "
+            "(from the repo root, `HF_HUB_OFFLINE=1`)",
+            f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- Machine: {machine_line(args.device)}",
+            f"- Versions: {versions_line()}",
+            f"- Device: {device_line}"
+            if device_line
+            else f"- Device: {device_note}; timing: {args.warmup} warm-up round(s), then {args.repeats} "
+            "timed round(s), variants interleaved (A B C A B C ...); times: medians; "
+            "ratios: median of the per-round ratios",
+            "",
+            body.strip(),
+            f"<!-- END {script} -->",
+        ]
+    )
     print(section)
     if args.output is not None:
         _replace_section(args.output, script, section)

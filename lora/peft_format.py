@@ -20,6 +20,7 @@ What peft's config has no field for (label names, max length, cleaning, the base
 quantization) goes to ``lora_extras.json`` beside it: peft ignores that file, and reading the
 folder back gives our adapter as it was.
 """
+
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapter import AdapterConfig
+from .config import InputError, LoRAConfig
 from .model import layer_index, path_in_layer
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,20 +37,32 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 EXTRAS_NAME = "lora_extras.json"
 PREFIX = "base_model.model."
 # Our LoRA tensor name endings and peft's on disk (peft before 0.14 saved DoRA's with ``.weight``).
-LORA_SUFFIXES = {".lora_A": (".lora_A.weight",), ".lora_B": (".lora_B.weight",),
-                 ".lora_magnitude": (".lora_magnitude_vector", ".lora_magnitude_vector.weight")}
+LORA_SUFFIXES = {
+    ".lora_A": (".lora_A.weight",),
+    ".lora_B": (".lora_B.weight",),
+    ".lora_magnitude": (".lora_magnitude_vector", ".lora_magnitude_vector.weight"),
+}
 # The settings our config keeps that peft's does not (written to EXTRAS_NAME).
 LORA_SETTINGS = ("r", "alpha", "dropout", "rslora", "dora", "target_modules", "layers", "trainable_modules")
 # peft options that change what the saved tensors mean; an adapter using them is refused.
-UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
-               "layer_replication": None, "use_qalora": False, "target_parameters": None,
-               "trainable_token_indices": None, "alora_invocation_tokens": None, "use_bdlora": None}
+UNSUPPORTED = {
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+}
 # init_lora_weights values under which peft changes the base weights (saved unconverted,
 # such an adapter only works on the changed base).
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-class NotMappable(ValueError):
+class NotMappable(InputError):
     """A peft adapter our LoRA cannot reproduce (another tuner or task, an unsupported option)."""
 
 
@@ -61,7 +76,7 @@ def _is_lora(name: str) -> bool:
     return any(name.endswith(suffix) for suffix in LORA_SUFFIXES)
 
 
-def to_peft(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def to_peft(state: dict[str, torch.Tensor], config: AdapterConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Our ``(state, config)`` (``load_adapter``'s) as peft's ``(tensors, adapter_config)``.
 
     ``target_modules`` are our target names when peft's rule (a module whose dotted name ends
@@ -76,21 +91,32 @@ def to_peft(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, tor
         key = name.removesuffix(suffix) + LORA_SUFFIXES[suffix][0] if suffix else name
         tensors[PREFIX + key] = tensor.contiguous()
     head_modules = {part for name in state if not _is_lora(name) for part in name.split(".")[:-1]}
-    targets = list(config["target_modules"])
+    lora = config.lora
+    targets = list(lora.target_modules)
     if any("." in target or target in head_modules for target in targets):
         targets = sorted(name.removesuffix(".lora_A") for name in state if name.endswith(".lora_A"))
     return tensors, {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": config["base_model"],
-        "revision": None, "r": config["r"], "lora_alpha": config["alpha"],
-        "lora_dropout": config["dropout"], "target_modules": targets,
-        "layers_to_transform": config["layers"], "layers_pattern": None,
-        "use_rslora": config["rslora"], "use_dora": config["dora"],
-        "modules_to_save": list(config["trainable_modules"]), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": config.base_model,
+        "revision": None,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": targets,
+        "layers_to_transform": None if lora.layers is None else list(lora.layers),
+        "layers_pattern": None,
+        "use_rslora": lora.rslora,
+        "use_dora": lora.dora,
+        "modules_to_save": list(lora.trainable_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
     }
 
 
-def from_peft(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def from_peft(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
     """peft's ``(tensors, adapter_config)`` as our ``(state, config)``; the config holds our LoRA
     settings and ``base_model`` (``base_model_name_or_path``, possibly None), nothing else.
 
@@ -110,8 +136,11 @@ def from_peft(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple[dict
         raise NotMappable(f"peft_type {peft_type}: only LoRA adapters (peft_type LORA) can be read")
     if task_type != "SEQ_CLS":
         raise NotMappable(f"task_type {task_type}: only sequence-classification adapters (SEQ_CLS) can be read")
-    used = [f"{option}={peft_config[option]!r}" for option, default in UNSUPPORTED.items()
-            if peft_config.get(option, default) not in (default, None)]
+    used = [
+        f"{option}={peft_config[option]!r}"
+        for option, default in UNSUPPORTED.items()
+        if peft_config.get(option, default) not in (default, None)
+    ]
     if peft_config.get("bias", "none") != "none":
         used.append(f"bias={peft_config['bias']!r}")
     init = peft_config.get("init_lora_weights", True)
@@ -124,21 +153,25 @@ def from_peft(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple[dict
     state, head_owners = {}, set()
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
-        ours = next((ours for ours, theirs in LORA_SUFFIXES.items() for suffix in theirs
-                     if name.endswith(suffix)), None)
+        ours = next(
+            (ours for ours, theirs in LORA_SUFFIXES.items() for suffix in theirs if name.endswith(suffix)), None
+        )
         if ours:
             suffix = next(s for s in LORA_SUFFIXES[ours] if name.endswith(s))
             state[name.removesuffix(suffix) + ours] = tensor
             continue
-        owner = next((m for m in modules_to_save if name == m or name.startswith(m + ".")
-                      or f".{m}." in f".{name}"), None)
+        owner = next(
+            (m for m in modules_to_save if name == m or name.startswith(m + ".") or f".{m}." in f".{name}"), None
+        )
         if owner is None or ".lora_" in name:
             raise NotMappable(f"tensor {key} is neither LoRA A/B/magnitude nor in modules_to_save {modules_to_save}")
         head_owners.add(owner)
         state[name] = tensor
     if not head_owners:
-        raise NotMappable(f"the adapter saves no classification head (modules_to_save {modules_to_save} "
-                          "holds no tensor): its predictions would come from a random head")
+        raise NotMappable(
+            f"the adapter saves no classification head (modules_to_save {modules_to_save} "
+            "holds no tensor): its predictions would come from a random head"
+        )
 
     adapted = sorted(name.removesuffix(".lora_A") for name in state if name.endswith(".lora_A"))
     if not adapted:
@@ -149,22 +182,35 @@ def from_peft(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple[dict
     paths = sorted({path_in_layer(name) for name in adapted})
     layers = sorted({layer_index(name) for name in adapted})
     if len(adapted) != len(paths) * len(layers):
-        raise NotMappable(f"the adapter adapts different modules in different layers ({len(adapted)} modules, "
-                          f"{len(paths)} paths x {len(layers)} layers); only the same modules in each layer map")
-    return state, {
-        "base_model": peft_config.get("base_model_name_or_path"),
-        "r": peft_config["r"], "alpha": peft_config.get("lora_alpha", 8),
-        "dropout": peft_config.get("lora_dropout", 0.0), "rslora": peft_config.get("use_rslora", False),
-        "dora": peft_config.get("use_dora", False), "target_modules": paths, "layers": layers,
-        "trainable_modules": sorted(head_owners),
-    }
+        raise NotMappable(
+            f"the adapter adapts different modules in different layers ({len(adapted)} modules, "
+            f"{len(paths)} paths x {len(layers)} layers); only the same modules in each layer map"
+        )
+    try:  # peft's own defaults where its config is silent
+        lora = LoRAConfig(
+            r=peft_config["r"],
+            alpha=peft_config.get("lora_alpha", 8),
+            dropout=peft_config.get("lora_dropout", 0.0),
+            rslora=peft_config.get("use_rslora", False),
+            dora=peft_config.get("use_dora", False),
+            target_modules=paths,
+            layers=layers,
+            trainable_modules=sorted(head_owners),
+        )
+    except (KeyError, ValueError) as error:
+        raise NotMappable(f"peft's LoRA settings are not valid: {error}") from None
+    return state, AdapterConfig(lora=lora, base_model=peft_config.get("base_model_name_or_path"))
 
 
-def save_peft_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
-                      base_model_name_or_path: str | None = None) -> Path:
+def save_peft_adapter(
+    directory: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: AdapterConfig,
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Write our adapter as a peft folder: peft's two files, and ``lora_extras.json`` with the
     rest of ``config`` (labels, max length, fingerprint...). ``base_model_name_or_path``: what
-    peft and transformers should load as the base (default: ``config["base_model"]``; give the
+    peft and transformers should load as the base (default: ``config.base_model``; give the
     folder behind an alias such as ``minilm``). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -172,24 +218,27 @@ def save_peft_adapter(directory: str | os.PathLike, state: dict[str, torch.Tenso
     peft_config["base_model_name_or_path"] = base_model_name_or_path or peft_config["base_model_name_or_path"]
     save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
-    extras = {key: value for key, value in config.items() if key not in LORA_SETTINGS}
+    extras = {key: value for key, value in config.to_json().items() if key not in LORA_SETTINGS}
     (directory / EXTRAS_NAME).write_text(json.dumps(extras, indent=2) + "\n")
     return directory
 
 
-def load_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def load_peft_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
     """Read a peft LoRA folder as our ``(state, config)``: ``from_peft``, then the extras of
     ``lora_extras.json`` when the folder came from ``save_peft_adapter`` (our LoRA settings
     always come from peft's config, the file's other fields only add to them).
 
     Raises:
-        NotMappable: see ``from_peft``. ValueError: a config that is not valid JSON.
+        NotMappable: see ``from_peft``. InputError: a config that is not valid JSON.
     """
     directory = Path(directory)
     try:
         peft_config = json.loads((directory / PEFT_CONFIG_NAME).read_text())
         extras = json.loads((directory / EXTRAS_NAME).read_text()) if (directory / EXTRAS_NAME).is_file() else {}
     except json.JSONDecodeError as error:
-        raise ValueError(f"{directory}: a config is not valid JSON: {error}") from None
+        raise InputError(f"{directory}: a config is not valid JSON: {error}") from None
     state, config = from_peft(load_file(str(directory / PEFT_WEIGHTS_NAME)), peft_config)
-    return state, {**extras, **config, "base_model": extras.get("base_model") or config["base_model"]}
+    lora = {key: value for key, value in config.to_json().items() if key in LORA_SETTINGS}
+    return state, AdapterConfig.from_json(
+        {**extras, **lora, "base_model": extras.get("base_model") or config.base_model}
+    )

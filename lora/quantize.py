@@ -29,6 +29,7 @@ for backward; backward dequantizes again from the packed storage to get the inpu
 A plain ``F.linear(x, dequantize())`` would keep the full float weight alive until backward
 and save nothing. There is no weight gradient: the base is frozen.
 """
+
 import math
 
 import torch
@@ -43,16 +44,31 @@ def scheme_from_file(value: str | None) -> str | None:
     (files written before 0.3 said ``"none"``)."""
     return None if value in (None, "none") else value
 
+
 NF4_BLOCK = 64
 ABSMAX_BLOCK = 256  # double quantization: absmax values per 8-bit block
 
 # bitsandbytes ``get_4bit_type("nf4")``: 7 negative values, 0, 8 positive values.
-NF4 = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
+NF4 = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 
 
 def dynamic_map_8bit() -> torch.Tensor:
@@ -64,7 +80,7 @@ def dynamic_map_8bit() -> torch.Tensor:
     """
     values = []
     for exponent in range(7):
-        grid = torch.linspace(0.1, 1, 2 ** exponent + 1, dtype=torch.float32)
+        grid = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
         means = (grid[:-1] + grid[1:]) / 2.0
         values += (10 ** (exponent - 6) * means).tolist()
         values += (-(10 ** (exponent - 6)) * means).tolist()
@@ -113,8 +129,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                   requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         with torch.no_grad():
             self._store(linear.weight.detach().float())
 
@@ -132,8 +147,7 @@ class QuantizedLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A frozen float ``nn.Linear`` holding ``dequantize()`` and the bias."""
         bias = self.bias is not None
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias,
-                           device=next(self.buffers()).device)
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias, device=next(self.buffers()).device)
         with torch.no_grad():
             linear.weight.copy_(self.dequantize())
             if bias:
@@ -205,7 +219,7 @@ class NF4Linear(QuantizedLinear):
         # The float32 scalar offset is counted in storage_bytes like the other buffers.
         offset = absmax.mean()
         qabsmax, absmax2 = quantize_blockwise(absmax - offset, DYNAMIC_8BIT, ABSMAX_BLOCK)
-        self.register_buffer("qabsmax", qabsmax.reshape(-1)[:absmax.numel()])
+        self.register_buffer("qabsmax", qabsmax.reshape(-1)[: absmax.numel()])
         self.register_buffer("absmax2", absmax2)
         self.register_buffer("offset", offset)
 
@@ -220,8 +234,7 @@ class NF4Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         indices = torch.stack([self.packed >> 4, self.packed & 0x0F], dim=1).reshape(-1, NF4_BLOCK)
         values = NF4.to(indices.device)[indices.long()] * self.block_absmax()[:, None]
-        return values.reshape(-1)[:self.out_features * self.in_features].reshape(
-            self.out_features, self.in_features)
+        return values.reshape(-1)[: self.out_features * self.in_features].reshape(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", double_quant=True" if self.double_quant else "")
@@ -245,8 +258,7 @@ def bits_per_weight(scheme: str, double_quant: bool = False, in_features: int | 
     return 4 + 32 / NF4_BLOCK
 
 
-def storage_formula_bytes(out_features: int, in_features: int, scheme: str,
-                          double_quant: bool = False) -> int:
+def storage_formula_bytes(out_features: int, in_features: int, scheme: str, double_quant: bool = False) -> int:
     """Bytes a quantized ``(out, in)`` weight takes, by the formula (padding included)."""
     n = out_features * in_features
     if scheme == "int8":
@@ -267,8 +279,13 @@ def describe_quantized(model: nn.Module) -> str:
     first = layers[0]
     double_quant = getattr(first, "double_quant", False)
     name = first.scheme + (" + double quant" if double_quant else "")
-    saved = (f"; double quant saves {bits_per_weight('nf4') - bits_per_weight('nf4', True):.3f} bits a weight"
-             if double_quant else "")
-    return (f"quantized base: {name}, {len(layers)} Linear layers, {weights / 1e6:.2f}M weights: "
-            f"{4 * weights / 1e6:.1f} MB in float32 -> {stored / 1e6:.1f} MB "
-            f"({8 * stored / weights:.3f} bits a weight{saved})")
+    saved = (
+        f"; double quant saves {bits_per_weight('nf4') - bits_per_weight('nf4', True):.3f} bits a weight"
+        if double_quant
+        else ""
+    )
+    return (
+        f"quantized base: {name}, {len(layers)} Linear layers, {weights / 1e6:.2f}M weights: "
+        f"{4 * weights / 1e6:.1f} MB in float32 -> {stored / 1e6:.1f} MB "
+        f"({8 * stored / weights:.3f} bits a weight{saved})"
+    )

@@ -17,6 +17,7 @@ faster than ``A`` (``lr_B = ratio * lr``).
 Everything here matches peft 0.21 (``use_dora=True``, ``init_lora_weights="pissa"``,
 ``create_loraplus_optimizer``) up to float rounding; ``tests/test_variants.py`` checks it.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,8 +26,7 @@ from .layer import LoRALinear
 from .quantize import QuantizedLinear
 
 INITS = ("lora", "pissa")  # inject_lora(init=...): zero B and Kaiming A, or pissa_init_
-DORA_NEEDS_FLOAT_BASE = ("DoRA needs the float base weight for its norms; it does not work with a "
-                         "quantized base (--quantize-base)")
+DORA_NEEDS_FLOAT_BASE = "DoRA needs the float base weight for its norms; it does not work with a quantized base"
 
 
 class DoRALinear(LoRALinear):
@@ -46,8 +46,7 @@ class DoRALinear(LoRALinear):
     Without active dropout ``W @ x`` is the base output minus its bias: no second matmul.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         if isinstance(base, QuantizedLinear):
             raise ValueError(DORA_NEEDS_FLOAT_BASE)
         super().__init__(base, r, alpha, dropout, rslora)
@@ -92,6 +91,7 @@ class DoRALinear(LoRALinear):
 
 # ---------------------------------------------------------------- PiSSA
 
+
 @torch.no_grad()
 def pissa_init_(layer: LoRALinear) -> None:
     """Initialise ``layer`` the PiSSA way, in place, as peft's ``init_lora_weights="pissa"``.
@@ -112,9 +112,9 @@ def pissa_init_(layer: LoRALinear) -> None:
         raise TypeError(f"PiSSA needs a float weight, got {weight.dtype}")
     full = weight.float()
     u, singular, vh = torch.linalg.svd(full, full_matrices=False)
-    root = (singular[:layer.r] / layer.scaling).sqrt()
-    lora_A = root[:, None] * vh[:layer.r]
-    lora_B = u[:, :layer.r] * root
+    root = (singular[: layer.r] / layer.scaling).sqrt()
+    lora_A = root[:, None] * vh[: layer.r]
+    lora_B = u[:, : layer.r] * root
     layer.lora_A.copy_(lora_A)
     layer.lora_B.copy_(lora_B)
     weight.copy_((full - layer.scaling * lora_B @ lora_A).to(weight.dtype))
@@ -137,12 +137,13 @@ def pissa_to_lora(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     (``alpha' = 2 alpha``, or ``sqrt(2) alpha`` with rsLoRA), ``A'``, ``B'`` on the
     untouched pretrained model give the trained layer.
     """
-    return (torch.cat([layer.lora_A.detach(), layer.pissa_A0]),
-            torch.cat([layer.lora_B.detach(), -layer.pissa_B0], dim=1))
+    return (
+        torch.cat([layer.lora_A.detach(), layer.pissa_A0]),
+        torch.cat([layer.lora_B.detach(), -layer.pissa_B0], dim=1),
+    )
 
 
-def lora_to_pissa(layer: LoRALinear, lora_A: torch.Tensor, lora_B: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_to_pissa(layer: LoRALinear, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``pissa_to_lora`` for this layer: ``(A, B)``, the first ``r`` rows/columns.
 
     Raises:
@@ -150,13 +151,16 @@ def lora_to_pissa(layer: LoRALinear, lora_A: torch.Tensor, lora_B: torch.Tensor
         from another initialisation, or an SVD that came out differently on another device).
     """
     r = layer.r
-    if not (torch.equal(lora_A[r:], layer.pissa_A0.to(lora_A.device))
-            and torch.equal(lora_B[:, r:], -layer.pissa_B0.to(lora_B.device))):
+    if not (
+        torch.equal(lora_A[r:], layer.pissa_A0.to(lora_A.device))
+        and torch.equal(lora_B[:, r:], -layer.pissa_B0.to(lora_B.device))
+    ):
         raise ValueError("the adapter's PiSSA start (A0, B0) differs from this model's")
     return lora_A[:r], lora_B[:, :r]
 
 
 # ---------------------------------------------------------------- LoRA+
+
 
 def lora_plus_groups(model: nn.Module, groups: list[dict], lr: float, ratio: float) -> list[dict]:
     """Split optimizer parameter groups so that every ``lora_B`` learns at ``lr * ratio``.

@@ -7,6 +7,7 @@ The source is the paired ``notebooks/lora_from_scratch.py`` (jupytext percent fo
 is this Python's own ipykernel (``sys.executable``), found without any installed kernelspec, so a
 fresh virtual environment with the ``dev`` extra runs it as it is.
 """
+
 import argparse
 import sys
 import time
@@ -34,8 +35,13 @@ def execute(source: Path, output: Path, cell_timeout: int = CELL_TIMEOUT_S) -> f
     """Execute ``source`` in a fresh kernel, from the repository root; write ``output``.
     Returns the wall time in seconds (kernel start included)."""
     notebook = jupytext.read(source)
-    client = NotebookClient(notebook, km=own_kernel(), timeout=cell_timeout, record_timing=False,
-                            resources={"metadata": {"path": str(NOTEBOOKS.parent)}})
+    client = NotebookClient(
+        notebook,
+        km=own_kernel(),
+        timeout=cell_timeout,
+        record_timing=False,
+        resources={"metadata": {"path": str(NOTEBOOKS.parent)}},
+    )
     started = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - started

@@ -1,5 +1,6 @@
 """Adapters on disk: save_adapter / load_adapter / apply_adapter round trips, what the files
 hold (only adapter tensors, safetensors not pickle, a JSON config) and the errors."""
+
 import json
 
 import pytest
@@ -8,13 +9,27 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import LABELS, roberta_base_config, tiny_model, tiny_tokenizer
-from lora import (apply_adapter, count_parameters, inject_lora, load_adapter, lora_layers,
-                  lora_settings, lora_state_dict, merge_lora, save_adapter)
-from lora.adapter import CONFIG_NAME, OPTIONAL_KEYS, WEIGHTS_NAME
+from helpers import LABELS, roberta_base_config, tiny_model, tiny_tokenizer
+from lora import (
+    AdapterConfig,
+    LoRAConfig,
+    apply_adapter,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
+from lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from lora.config import InputError
 
-TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
-         "New chip for online research"]
+TEXTS = [
+    "Stocks rally as bank profit beats the market",
+    "Coach praises team after cup match",
+    "New chip for online research",
+]
 CALLER = {"base_model": "tiny-roberta", "labels": LABELS, "max_length": 64}
 
 
@@ -42,19 +57,23 @@ def trained(**inject) -> nn.Module:
 
 def round_trip(model: nn.Module, directory) -> nn.Module:
     """Save ``model``'s adapter, load it back and apply it to a fresh same-seed base."""
-    save_adapter(directory, model, CALLER)
+    save_adapter(directory, model, **CALLER)
     state, config = load_adapter(directory)
     fresh = tiny_model(0)
     assert apply_adapter(fresh, state, config) == [name for name, _ in lora_layers(model)]
     return fresh
 
 
-@pytest.mark.parametrize("inject", [
-    dict(target_modules=("query", "value"), r=4, alpha=8, dropout=0.1),
-    dict(target_modules=("query", "key", "value", "dense"), r=2, alpha=3, rslora=True),
-    dict(target_modules=("value",), r=4, alpha=8, layers=[1]),
-    dict(target_modules=("query",), r=4, alpha=8, trainable_modules=("classifier", "LayerNorm")),
-], ids=["dropout", "rslora-dense", "layers", "layernorm"])
+@pytest.mark.parametrize(
+    "inject",
+    [
+        dict(target_modules=("query", "value"), r=4, alpha=8, dropout=0.1),
+        dict(target_modules=("query", "key", "value", "dense"), r=2, alpha=3, rslora=True),
+        dict(target_modules=("value",), r=4, alpha=8, layers=[1]),
+        dict(target_modules=("query",), r=4, alpha=8, trainable_modules=("classifier", "LayerNorm")),
+    ],
+    ids=["dropout", "rslora-dense", "layers", "layernorm"],
+)
 def test_round_trip_gives_identical_logits(tmp_path, inject):
     model = trained(**inject)
     expected = logits(model)
@@ -63,7 +82,7 @@ def test_round_trip_gives_identical_logits(tmp_path, inject):
     assert not fresh.training and not any(m.training for m in fresh.modules())
     assert torch.equal(logits(fresh), expected)
     assert lora_state_dict(fresh).keys() == lora_state_dict(model).keys()
-    assert lora_settings(fresh) == lora_settings(model)
+    assert fresh.lora.config == model.lora.config
 
 
 def test_saving_a_merged_model_saves_the_same_adapter(tmp_path):
@@ -76,14 +95,32 @@ def test_saving_a_merged_model_saves_the_same_adapter(tmp_path):
 
 def test_config_contents(tmp_path):
     model = trained(target_modules=("value", "query"), r=4, alpha=8, dropout=0.1, layers=[0])
-    save_adapter(tmp_path, model, CALLER)
+    save_adapter(tmp_path, model, **CALLER)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config == {"r": 4, "alpha": 8, "dropout": 0.1, "rslora": False, "dora": False,
-                      "target_modules": ["query", "value"], "layers": [0],
-                      "trainable_modules": ["classifier"],
-                      "base_fingerprint": model.lora_base_fingerprint, **CALLER}
+    assert config == {
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.1,
+        "target_modules": ["value", "query"],
+        "layers": [0],
+        "rslora": False,
+        "dora": False,
+        "trainable_modules": ["classifier"],
+        **CALLER,
+        "clean": False,
+        "quantize_base": None,
+        "double_quant": False,
+        "base_fingerprint": model.lora.base_fingerprint,
+        "provenance": {},
+    }
     assert len(config["base_fingerprint"]) == 16
-    assert load_adapter(tmp_path)[1] == {**OPTIONAL_KEYS, **config}  # what the file lacks, at its default
+    assert load_adapter(tmp_path)[1] == AdapterConfig(
+        lora=LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=("value", "query"), layers=(0,)),
+        base_model="tiny-roberta",
+        labels=LABELS,
+        max_length=64,
+        base_fingerprint=model.lora.base_fingerprint,
+    )
 
 
 def test_files_hold_only_adapter_tensors_as_safetensors(tmp_path):
@@ -94,7 +131,7 @@ def test_files_hold_only_adapter_tensors_as_safetensors(tmp_path):
     data = (tmp_path / WEIGHTS_NAME).read_bytes()
     assert data[:1] != b"\x80"  # not a pickle (protocol 2+ starts with 0x80)
     header_length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_length])
+    header = json.loads(data[8 : 8 + header_length])
     state = load_file(tmp_path / WEIGHTS_NAME)
     assert set(header) - {"__metadata__"} == state.keys() == lora_state_dict(model).keys()
     assert all("lora_A" in key or "lora_B" in key or key.startswith("classifier.") for key in state)
@@ -103,12 +140,12 @@ def test_files_hold_only_adapter_tensors_as_safetensors(tmp_path):
 
 
 def test_saving_again_replaces_the_files(tmp_path):
-    save_adapter(tmp_path, trained(r=4, alpha=8), CALLER)
+    save_adapter(tmp_path, trained(r=4, alpha=8), **CALLER)
     second = trained(r=2, alpha=8)
     randomize(second, seed=5)
     save_adapter(tmp_path, second)
     state, config = load_adapter(tmp_path)
-    assert config["r"] == 2 and "labels" not in config
+    assert config.lora.r == 2 and config.labels is None
     assert state["classifier.out_proj.bias"].equal(second.classifier.out_proj.bias)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
 
@@ -157,5 +194,5 @@ def test_load_adapter_missing_directory_or_file(tmp_path):
 def test_load_adapter_bad_json(tmp_path):
     save_adapter(tmp_path, trained(r=4, alpha=8))
     (tmp_path / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(InputError, match="not valid JSON"):
         load_adapter(tmp_path)

@@ -1,20 +1,21 @@
 """The base fingerprint: an adapter records a hash of the pretrained weights it was added to,
 and every loader refuses it on other weights in one line naming both bases (unless forced)."""
+
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from conftest import LABELS, producer_config, tiny_model, tiny_tokenizer
+from helpers import LABELS, producer_config, refused, tiny_model, tiny_tokenizer
 from lora import apply_adapter, inject_lora, load_adapter, lora_layers, quantize_base, save_adapter
 from lora.adapter import BaseMismatch
-from lora.backbone import load_classifier_model
+from lora.classifier import load_classifier, load_classifier_model
+from lora.cli import one_line, run_command
 from lora.cli.inspect_lora import main as inspect_main
 from lora.cli.predict import main as predict_main
-from lora.errors import UsageError, run_command
-from lora.inference import load_classifier
 from lora.model import base_fingerprint
-from lora.training import TrainConfig, train
+from lora.train.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def make_run(model_dir, directory) -> str:
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_B.normal_(std=0.3)
-    save_adapter(directory, model, producer_config(model_dir, max_length=16))
+    save_adapter(directory, model, **producer_config(model_dir, max_length=16))
     return str(directory)
 
 
@@ -44,12 +45,12 @@ def test_the_fingerprint_is_of_the_adapted_pretrained_weights_before_pissa_and_q
     for init in ("lora", "pissa"):
         model = tiny_model(0)
         inject_lora(model, ("query", "value"), r=4, alpha=8, init=init)
-        fingerprints[init] = model.lora_base_fingerprint
+        fingerprints[init] = model.lora.base_fingerprint
     quantized = tiny_model(0)
     inject_lora(quantized, ("query", "value"), r=4, alpha=8)
     quantize_base(quantized, "nf4")
     assert len(fingerprints["lora"]) == 16
-    assert fingerprints["pissa"] == quantized.lora_base_fingerprint == fingerprints["lora"]
+    assert fingerprints["pissa"] == quantized.lora.base_fingerprint == fingerprints["lora"]
     assert base_fingerprint(tiny_model(0), ["roberta.encoder.layer.0.attention.self.query"]) != fingerprints["lora"]
 
     touched = tiny_model(0)
@@ -60,7 +61,9 @@ def test_the_fingerprint_is_of_the_adapted_pretrained_weights_before_pissa_and_q
     names = [name for name, _ in lora_layers(quantized)]
     assert base_fingerprint(touched, names) != fingerprints["lora"]
     with torch.no_grad():
-        touched.roberta.encoder.layer[1].attention.self.value.weight[3, 4] = tiny_model(0).roberta.encoder.layer[1].attention.self.value.weight[3, 4]
+        touched.roberta.encoder.layer[1].attention.self.value.weight[3, 4] = (
+            tiny_model(0).roberta.encoder.layer[1].attention.self.value.weight[3, 4]
+        )
     assert base_fingerprint(touched, names) == fingerprints["lora"]
 
 
@@ -69,29 +72,32 @@ def test_apply_adapter_refuses_other_weights_unless_forced(tmp_path):
     inject_lora(model, ("query", "value"), r=4, alpha=8)
     save_adapter(tmp_path, model)
     state, config = load_adapter(tmp_path)
-    assert config["base_fingerprint"] == model.lora_base_fingerprint
+    assert config.base_fingerprint == model.lora.base_fingerprint
     apply_adapter(tiny_model(0), state, config)
-    with pytest.raises(BaseMismatch, match=f"fingerprint {model.lora_base_fingerprint}, these have "):
+    with pytest.raises(BaseMismatch, match=f"fingerprint {model.lora.base_fingerprint}, these have "):
         apply_adapter(tiny_model(1), state, config)
     apply_adapter(tiny_model(1), state, config, force=True)
-    apply_adapter(tiny_model(1), state, {k: v for k, v in config.items() if k != "base_fingerprint"})  # old
+    apply_adapter(tiny_model(1), state, dataclasses.replace(config, base_fingerprint=None))  # old
 
 
 @pytest.mark.timeout(60)
 def test_every_loader_refuses_another_base_in_one_line_naming_both(tiny_model_dir, other_base_dir, tmp_path, capsys):
     run = make_run(tiny_model_dir, tmp_path / "run")
     expected = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_fingerprint"]
-    with pytest.raises(UsageError) as refused:
+    with refused() as caught:
         load_classifier(run, "cpu", base_model=str(other_base_dir))
-    message = str(refused.value)
-    assert message.startswith(f"adapter {run} was trained on base '{tiny_model_dir}' (fingerprint {expected}), "
-                              f"not on base '{other_base_dir}' (fingerprint ")
+    message = one_line(caught.value)
+    assert message.startswith(
+        f"adapter {run} was trained on base '{tiny_model_dir}' (fingerprint {expected}), "
+        f"not on base '{other_base_dir}' (fingerprint "
+    )
     assert "--force" in message and "\n" not in message
     load_classifier(run, "cpu", base_model=str(other_base_dir), force=True)
 
-    for command in (lambda: predict_main(["--adapter", run, "--base", str(other_base_dir), "--text", "a"]),
-                    lambda: inspect_main(["--adapter", run, "--base", str(other_base_dir),
-                                          "--plot", str(tmp_path / "plot.png")])):
+    for command in (
+        lambda: predict_main(["--adapter", run, "--base", str(other_base_dir), "--text", "a"]),
+        lambda: inspect_main(["--adapter", run, "--base", str(other_base_dir), "--plot", str(tmp_path / "plot.png")]),
+    ):
         capsys.readouterr()
         with pytest.raises(SystemExit) as caught:
             run_command(command)
@@ -108,15 +114,27 @@ def test_an_adapter_from_before_fingerprints_still_loads(tiny_model_dir, other_b
     config = json.loads(config_path.read_text())
     del config["base_fingerprint"]
     config_path.write_text(json.dumps(config))
-    model, _ = load_classifier(run, "cpu", base_model=str(other_base_dir))
-    assert model.adapter_config["labels"] == LABELS
+    assert load_classifier(run, "cpu", base_model=str(other_base_dir)).labels == LABELS
 
 
 @pytest.mark.timeout(60)
 def test_a_trained_run_records_the_fingerprint_of_its_base(tiny_model_dir, toy_data_dir, tmp_path):
-    train(TrainConfig(model=str(tiny_model_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"),
-                      r=2, alpha=4.0, batch_size=16, grad_accum=1, max_steps=2, eval_steps=2, max_length=16,
-                      quantize_base="int8", evaluate_test=False))
+    train(
+        TrainConfig(
+            model=str(tiny_model_dir),
+            data=str(toy_data_dir),
+            output_dir=str(tmp_path / "run"),
+            r=2,
+            alpha=4.0,
+            batch_size=16,
+            grad_accum=1,
+            max_steps=2,
+            eval_steps=2,
+            max_length=16,
+            quantize_base="int8",
+            evaluate_test=False,
+        )
+    )
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     base = load_classifier_model(str(tiny_model_dir), LABELS)
     names = [f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]

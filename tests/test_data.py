@@ -1,4 +1,5 @@
 """Data sources, cleaning, splits and batches."""
+
 import pickle
 
 import datasets
@@ -6,21 +7,32 @@ import pandas as pd
 import pytest
 import torch
 
-from lora.data import (AG_NEWS_LABELS, clean_text, drop_extreme_lengths, encode_labels,
-                       length_grouped_batches, load_splits, pad_batch, read_table)
-from lora.errors import UsageError
+from helpers import refused
+from lora.data import (
+    AG_NEWS_LABELS,
+    clean_text,
+    drop_extreme_lengths,
+    encode_labels,
+    length_grouped_batches,
+    load_splits,
+    pad_batch,
+    read_table,
+)
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("Oil hits #36;50 a barrel, it#39;s said", "Oil hits $50 a barrel, it's said"),
-    ("&lt;b&gt;Bold&lt;/b&gt; move", "Bold move"),
-    ("He said quot;no quot; today", 'He said "no " today'),
-    ("Stocks up (Reuters) Reuters - Shares rose", "Stocks up Shares rose"),
-    ("Paris AFP - Talks resumed", "Paris Talks resumed"),
-    ("Read more at http://example.com/x?y=1 or www.site.org now", "Read more at or now"),
-    ("A second\\team  of   rocketeers", "A second team of rocketeers"),
-    ("Plain headline stays", "Plain headline stays"),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("Oil hits #36;50 a barrel, it#39;s said", "Oil hits $50 a barrel, it's said"),
+        ("&lt;b&gt;Bold&lt;/b&gt; move", "Bold move"),
+        ("He said quot;no quot; today", 'He said "no " today'),
+        ("Stocks up (Reuters) Reuters - Shares rose", "Stocks up Shares rose"),
+        ("Paris AFP - Talks resumed", "Paris Talks resumed"),
+        ("Read more at http://example.com/x?y=1 or www.site.org now", "Read more at or now"),
+        ("A second\\team  of   rocketeers", "A second team of rocketeers"),
+        ("Plain headline stays", "Plain headline stays"),
+    ],
+)
 def test_clean_text(raw, clean):
     assert clean_text(raw) == clean
 
@@ -51,8 +63,7 @@ def test_headerless_ag_news_and_title_description_layouts(tmp_path):
     (tmp_path / "ag.csv").write_text('3,"Oil up","Prices rose, again"\n1,War,Troops moved\n')
     (tmp_path / "td.csv").write_text("Class Index,Title,Description\n3,Oil up,Prices rose\n")
     headerless = read_table(tmp_path / "ag.csv")
-    assert headerless.to_dict("list") == {"text": ["Oil up Prices rose, again", "War Troops moved"],
-                                          "label": [3, 1]}
+    assert headerless.to_dict("list") == {"text": ["Oil up Prices rose, again", "War Troops moved"], "label": [3, 1]}
     assert read_table(tmp_path / "td.csv").to_dict("list") == {"text": ["Oil up Prices rose"], "label": [3]}
 
 
@@ -62,9 +73,9 @@ def test_labels_one_based_zero_based_and_names():
     zero_based = encode_labels(pd.DataFrame({"text": "x", "label": [0, 1, 2, 3]}), names, "s")
     by_name = encode_labels(pd.DataFrame({"text": "x", "label": names}), names, "s")
     assert one_based["label"].tolist() == zero_based["label"].tolist() == by_name["label"].tolist() == [0, 1, 2, 3]
-    with pytest.raises(UsageError, match="outside the label set"):
+    with refused("outside the label set"):
         encode_labels(pd.DataFrame({"text": "x", "label": [0, 5]}), names, "s")
-    with pytest.raises(UsageError, match="neither names"):
+    with refused("neither names"):
         encode_labels(pd.DataFrame({"text": "x", "label": ["Weather"]}), names, "s")
 
 

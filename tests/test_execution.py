@@ -1,18 +1,19 @@
 """--gradient-checkpointing and --compile change how the step runs, not what it computes: the same
-loss and gradients as the plain step on the tiny model (within a tolerance from conftest.py), and
+loss and gradients as the plain step on the tiny model (within a tolerance from helpers.py), and
 a run with either flag is the run without it."""
+
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GRADIENT_TOLERANCE, MODEL_TOLERANCE, config_for, records, tiny_model, training_tolerance
-from lora import execution, inject_lora, quantize_base
+from helpers import GRADIENT_TOLERANCE, MODEL_TOLERANCE, config_for, records, refused, tiny_model, training_tolerance
+from lora import inject_lora, quantize_base
 from lora.cli.train import main as train_main
-from lora.errors import UsageError
-from lora.execution import checkpoint_activations
-from lora.training import train
+from lora.train import execution
+from lora.train.execution import checkpoint_activations
+from lora.train.loop import train
 
 
 def lora_tiny_model(dropout: float, quantize: str | None = None) -> torch.nn.Module:
@@ -38,8 +39,9 @@ def loss_and_gradients(model: torch.nn.Module, seed: int = 7) -> tuple[torch.Ten
     torch.manual_seed(seed)
     loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 2, 3])).loss
     loss.backward()
-    return loss.detach(), {name.removeprefix("_orig_mod."): p.grad for name, p in model.named_parameters()
-                           if p.requires_grad}
+    return loss.detach(), {
+        name.removeprefix("_orig_mod."): p.grad for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def assert_same_loss_and_gradients(actual, expected) -> None:
@@ -51,8 +53,9 @@ def assert_same_loss_and_gradients(actual, expected) -> None:
         torch.testing.assert_close(gradients[name], gradient, **GRADIENT_TOLERANCE, msg=name)
 
 
-@pytest.mark.parametrize("dropout, quantize", [(0.0, None), (0.1, None), (0.1, "nf4")],
-                         ids=["no dropout", "dropout", "dropout, nf4 base"])
+@pytest.mark.parametrize(
+    "dropout, quantize", [(0.0, None), (0.1, None), (0.1, "nf4")], ids=["no dropout", "dropout", "dropout, nf4 base"]
+)
 def test_checkpointing_recomputes_the_layers_and_gives_the_same_loss_and_gradients(dropout, quantize):
     # Two float computations of one value (the recompute's kernels run in another autograd
     # graph): GRADIENT_TOLERANCE. With dropout the recompute must draw the forward's masks again
@@ -77,13 +80,17 @@ def test_a_run_with_checkpointing_is_the_run_without(tiny_model_dir, toy_data_di
     train(config_for(tiny_model_dir, toy_data_dir, plain, max_steps=4, evaluate_test=False))
     checkpointing = execution.checkpoint_activations
     checkpointed_models = []
-    monkeypatch.setattr(execution, "checkpoint_activations",
-                        lambda model: checkpointed_models.append(model) or checkpointing(model))
-    train(config_for(tiny_model_dir, toy_data_dir, checkpointed, max_steps=4, evaluate_test=False,
-                     gradient_checkpointing=True))
+    monkeypatch.setattr(
+        execution, "checkpoint_activations", lambda model: checkpointed_models.append(model) or checkpointing(model)
+    )
+    train(
+        config_for(
+            tiny_model_dir, toy_data_dir, checkpointed, max_steps=4, evaluate_test=False, gradient_checkpointing=True
+        )
+    )
     assert len(checkpointed_models) == 1  # the run did checkpoint its model
     assert_same_runs(checkpointed, plain, training_tolerance(4, 2e-3))
-    with pytest.raises(UsageError, match="--gradient-checkpointing would change them"):
+    with refused("--gradient-checkpointing would change them"):
         train_main(["--resume", "--output-dir", str(plain), "--gradient-checkpointing"])
 
 
@@ -92,9 +99,13 @@ def assert_same_runs(run, expected_run, tolerance: dict) -> None:
     ``tolerance``), and adapters with the same plain names and values within it."""
     mine, theirs = records(run), records(expected_run)
     assert [r["step"] for r in mine] == [r["step"] for r in theirs]
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in mine]), torch.tensor([r["loss"] for r in theirs]),
-                               **tolerance)
-    adapter, expected = load_file(str(run / "adapter.safetensors")), load_file(str(expected_run / "adapter.safetensors"))
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in mine]), torch.tensor([r["loss"] for r in theirs]), **tolerance
+    )
+    adapter, expected = (
+        load_file(str(run / "adapter.safetensors")),
+        load_file(str(expected_run / "adapter.safetensors")),
+    )
     assert adapter.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(adapter[name], tensor, **tolerance, msg=name)
@@ -103,11 +114,14 @@ def assert_same_runs(run, expected_run, tolerance: dict) -> None:
 
 
 @pytest.mark.timeout(180)  # two compiles of the tiny model on CPU: about 10-40 s, more on a loaded machine
-@pytest.mark.skipif("ATEN_CPU_CAPABILITY" in os.environ,
-                    reason="inductor's C++ code for the CPU it runs on does not build (or aborts the process) "
-                           "when ATEN_CPU_CAPABILITY forces another one (make test-portable sets it)")
-def test_compile_gives_the_same_loss_and_gradients_and_a_run_saves_plain_names(tiny_model_dir, toy_data_dir,
-                                                                              tmp_path, monkeypatch):
+@pytest.mark.skipif(
+    "ATEN_CPU_CAPABILITY" in os.environ,
+    reason="inductor's C++ code for the CPU it runs on does not build (or aborts the process) "
+    "when ATEN_CPU_CAPABILITY forces another one (make test-portable sets it)",
+)
+def test_compile_gives_the_same_loss_and_gradients_and_a_run_saves_plain_names(
+    tiny_model_dir, toy_data_dir, tmp_path, monkeypatch
+):
     # The compiled graph fuses kernels and reorders float sums (as another CPU's kernels would):
     # two float computations of one value, GRADIENT_TOLERANCE (measured: 8e-9 apart).
     compile = torch.compile
@@ -118,9 +132,8 @@ def test_compile_gives_the_same_loss_and_gradients_and_a_run_saves_plain_names(t
     train(config_for(tiny_model_dir, toy_data_dir, plain, max_steps=1, dropout=0.0, evaluate_test=False))
     compiled_modules = []
     monkeypatch.setattr(execution.torch, "compile", lambda module: compiled_modules.append(module) or compile(module))
-    train(config_for(tiny_model_dir, toy_data_dir, fast, max_steps=1, dropout=0.0, evaluate_test=False,
-                     compile=True))
+    train(config_for(tiny_model_dir, toy_data_dir, fast, max_steps=1, dropout=0.0, evaluate_test=False, compile=True))
     assert len(compiled_modules) == 1  # the run did compile its model
     assert_same_runs(fast, plain, training_tolerance(1, 2e-3))
-    with pytest.raises(UsageError, match="--compile would change them"):
+    with refused("--compile would change them"):
         train_main(["--resume", "--output-dir", str(plain), "--compile"])

@@ -1,5 +1,7 @@
 """Inference end to end on a tiny random RoBERTa with a random (non-zero) adapter made here:
-load_classifier, classify, predict_proba, and predict.py in-process and as a real command."""
+load_classifier and its Classifier, and predict.py in-process and as a real command."""
+
+import dataclasses
 import io
 import json
 import os
@@ -15,19 +17,22 @@ import torch
 from datasets import Dataset
 from tokenizers import processors
 
-import lora.inference as inference
-from conftest import LABELS, MODEL_TOLERANCE, producer_config, toy_news
+import lora.classifier as inference
+from helpers import LABELS, MODEL_TOLERANCE, producer_config, toy_news
 from lora import inject_lora, lora_layers, save_adapter
-from lora.backbone import load_classifier_model
-from lora.data import clean_text
-from lora.errors import run_command
-from lora.inference import classify, latest_run, load_classifier, predict_proba
+from lora.classifier import load_classifier, load_classifier_model
+from lora.cli import latest_run, run_command
 from lora.cli.predict import main
+from lora.data import clean_text
 
 REPO = Path(__file__).resolve().parent.parent
-TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit beats forecasts",
-         "<b>Scientists</b> unveil a new chip &lt;online&gt; (Reuters)",
-         " ".join(["war election minister troops"] * 200)]  # 800 words: truncated, not dropped
+TEXTS = [
+    "Team wins the cup after a late goal",
+    "",
+    "Stocks rally as bank profit beats forecasts",
+    "<b>Scientists</b> unveil a new chip &lt;online&gt; (Reuters)",
+    " ".join(["war election minister troops"] * 200),
+]  # 800 words: truncated, not dropped
 
 
 def make_adapter(model_dir, directory, seed=0, clean=True, max_length=16) -> Path:
@@ -41,7 +46,7 @@ def make_adapter(model_dir, directory, seed=0, clean=True, max_length=16) -> Pat
             layer.lora_B.normal_(std=0.5)
         for parameter in model.classifier.parameters():
             parameter.normal_(std=0.5)
-    return save_adapter(directory, model, producer_config(model_dir, max_length=max_length, clean=clean))
+    return save_adapter(directory, model, **producer_config(model_dir, max_length=max_length, clean=clean))
 
 
 @pytest.fixture
@@ -71,18 +76,20 @@ def test_kaggle_pickle_gives_one_row_per_text_in_input_order(adapter_dir, tmp_pa
     table = pd.read_csv(tmp_path / "out.csv")
     assert list(table.columns) == ["ID", "Label"]
     assert table["ID"].tolist() == list(range(len(TEXTS)))
-    model, tokenizer = load_classifier(adapter_dir)
-    assert table["Label"].tolist() == [LABELS.index(classify(model, tokenizer, text)) for text in TEXTS]
+    classifier = load_classifier(adapter_dir)
+    assert table["Label"].tolist() == [LABELS.index(classifier.classify(text)) for text in TEXTS]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
 def test_merged_and_unmerged_predictions_agree(adapter_dir, tmp_path):
-    merged, tokenizer = load_classifier(adapter_dir)
-    unmerged, _ = load_classifier(adapter_dir, merge=False)
-    assert all(layer.merged for _, layer in lora_layers(merged))
-    assert not any(layer.merged for _, layer in lora_layers(unmerged))
-    np.testing.assert_allclose(predict_proba(merged, tokenizer, TEXTS),  # W + s B A folded, or not
-                               predict_proba(unmerged, tokenizer, TEXTS), **MODEL_TOLERANCE)
+    merged, unmerged = load_classifier(adapter_dir), load_classifier(adapter_dir, merge=False)
+    assert all(layer.merged for _, layer in lora_layers(merged.model))
+    assert not any(layer.merged for _, layer in lora_layers(unmerged.model))
+    np.testing.assert_allclose(
+        merged.predict_proba(TEXTS),  # W + s B A folded, or not
+        unmerged.predict_proba(TEXTS),
+        **MODEL_TOLERANCE,
+    )
     source = write_kaggle_pickle(tmp_path / "texts.pkl", TEXTS)
     for name, flags in (("merged.csv", []), ("unmerged.csv", ["--no-merge"])):
         main(["--adapter", str(adapter_dir), "--input", str(source), "--output", str(tmp_path / name), *flags])
@@ -98,34 +105,33 @@ def test_a_merge_that_changes_predictions_falls_back_to_unmerged(adapter_dir, mo
         for _, layer in lora_layers(model):
             layer.base.weight.data.add_(torch.randn_like(layer.base.weight))
 
-    reference, tokenizer = load_classifier(adapter_dir, merge=False)
+    reference = load_classifier(adapter_dir, merge=False)
     monkeypatch.setattr(inference, "merge_lora", broken_merge)
     with pytest.warns(UserWarning, match="unmerged"):
-        model, _ = load_classifier(adapter_dir)
-    assert not any(layer.merged for _, layer in lora_layers(model))
-    np.testing.assert_array_equal(predict_proba(model, tokenizer, TEXTS),
-                                  predict_proba(reference, tokenizer, TEXTS))
+        classifier = load_classifier(adapter_dir)
+    assert not any(layer.merged for _, layer in lora_layers(classifier.model))
+    np.testing.assert_array_equal(classifier.predict_proba(TEXTS), reference.predict_proba(TEXTS))
 
 
 def test_classify_cleans_truncates_and_keeps_empty_texts(adapter_dir):
-    model, tokenizer = load_classifier(adapter_dir)
-    names = classify(model, tokenizer, TEXTS)
+    classifier = load_classifier(adapter_dir)
+    names = classifier.classify(TEXTS)
     assert isinstance(names, list) and len(names) == len(TEXTS) and set(names) <= set(LABELS)
-    assert classify(model, tokenizer, TEXTS[0]) == names[0]
-    assert classify(model, tokenizer, []) == []
+    assert classifier.classify(TEXTS[0]) == names[0]
+    assert classifier.classify([]) == []
     # clean=True in the adapter config: the raw text is seen as its cleaned form ...
     raw = TEXTS[3]
-    np.testing.assert_array_equal(predict_proba(model, tokenizer, [raw]),
-                                  predict_proba(model, tokenizer, [clean_text(raw)]))
-    model.adapter_config["clean"] = False  # ... which does make a difference here
-    assert not np.allclose(predict_proba(model, tokenizer, [raw]), predict_proba(model, tokenizer, [clean_text(raw)]))
+    np.testing.assert_array_equal(classifier.predict_proba([raw]), classifier.predict_proba([clean_text(raw)]))
+    classifier.config = dataclasses.replace(classifier.config, clean=False)  # ... which does make a difference here
+    assert not np.allclose(classifier.predict_proba([raw]), classifier.predict_proba([clean_text(raw)]))
     # max_length=16 in the adapter config: 800 words read as their first 14 (+ <s>, </s>).
     long = TEXTS[4]
-    np.testing.assert_allclose(predict_proba(model, tokenizer, [long]),
-                               predict_proba(model, tokenizer, [" ".join(long.split()[:14])]), atol=1e-6)
+    np.testing.assert_allclose(
+        classifier.predict_proba([long]), classifier.predict_proba([" ".join(long.split()[:14])]), atol=1e-6
+    )
     # A tokenizer that adds no special tokens gives an empty text no tokens: still one row.
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
-    probabilities = predict_proba(model, tokenizer, ["", "goal"])
+    classifier.tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    probabilities = classifier.predict_proba(["", "goal"])
     assert probabilities.shape == (2, 4) and np.isfinite(probabilities).all()
 
 
@@ -144,8 +150,7 @@ def test_probs_adds_label_names_and_probabilities_that_sum_to_one(adapter_dir, t
 def test_text_prints_label_name_and_confidence(adapter_dir, capsys):
     main(["--adapter", str(adapter_dir), "--text", TEXTS[0], ""])
     lines = capsys.readouterr().out.splitlines()
-    model, tokenizer = load_classifier(adapter_dir)
-    probabilities = predict_proba(model, tokenizer, [TEXTS[0], ""])
+    probabilities = load_classifier(adapter_dir).predict_proba([TEXTS[0], ""])
     assert len(lines) == 2
     for line, row in zip(lines, probabilities):
         index, name, confidence = line.split("\t")
@@ -157,7 +162,8 @@ def test_labelled_csv_prints_accuracy_and_macro_f1(adapter_dir, tmp_path, capsys
     news = toy_news(24)
     source = tmp_path / "test.csv"  # the original headerless AG News layout, classes 1..4
     pd.DataFrame({"class": news["label"] + 1, "title": news["text"], "description": ""}).to_csv(
-        source, header=False, index=False)
+        source, header=False, index=False
+    )
     main(["--adapter", str(adapter_dir), "--input", str(source), "--output", str(tmp_path / "out.csv")])
     out = capsys.readouterr().out
     predictions = pd.read_csv(tmp_path / "out.csv")["Label"]
@@ -179,20 +185,34 @@ def test_command_defaults_to_newest_run_and_the_kaggle_file(tiny_model_dir, tmp_
     for age, run in enumerate(["old", "new", "unfinished"]):
         os.utime(tmp_path / "runs" / run, (1e9 + age, 1e9 + age))
     write_kaggle_pickle(tmp_path / "test_unlabelled.pkl", TEXTS)
-    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--probs"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), "--probs"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stderr
     assert latest_run(tmp_path / "runs") == new
     table = pd.read_csv(tmp_path / "inference_output.csv", keep_default_na=False)
     for run, same in ((new, True), (old, False)):
-        model, tokenizer = load_classifier(run)
-        assert np.allclose(table[LABELS], predict_proba(model, tokenizer, TEXTS), atol=1e-5) == same
+        assert np.allclose(table[LABELS], load_classifier(run).predict_proba(TEXTS), atol=1e-5) == same
 
 
 def test_command_error_is_one_line_and_exit_2(adapter_dir, tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--adapter", str(adapter_dir),
-                           "--input", str(tmp_path / "missing.csv")],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "predict.py"),
+            "--adapter",
+            str(adapter_dir),
+            "--input",
+            str(tmp_path / "missing.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"error: input {tmp_path / 'missing.csv'} does not exist"]
 
@@ -223,8 +243,13 @@ def test_bad_adapters_are_one_line_errors(adapter_dir, tmp_path, capsys, monkeyp
 
 def test_bad_inputs_are_one_line_errors(adapter_dir, tmp_path, capsys):
     adapter = ["--adapter", str(adapter_dir), "--output", str(tmp_path / "out.csv")]
-    files = {"notes.docx": "hello", "headlines.csv": "headline\nTeam wins\n", "empty.txt": "",
-             "empty.csv": "", "empty.pkl": ""}
+    files = {
+        "notes.docx": "hello",
+        "headlines.csv": "headline\nTeam wins\n",
+        "empty.txt": "",
+        "empty.csv": "",
+        "empty.pkl": "",
+    }
     for name, content in files.items():
         (tmp_path / name).write_text(content)
     assert "does not exist" in fail([*adapter, "--input", str(tmp_path / "missing.csv")], capsys)
@@ -236,5 +261,4 @@ def test_bad_inputs_are_one_line_errors(adapter_dir, tmp_path, capsys):
     assert "--batch-size must be at least 1" in fail([*adapter, "--batch-size", "0", "--text", "x"], capsys)
     assert not (tmp_path / "out.csv").exists()
     (tmp_path / "texts.txt").write_text("goal\n")
-    assert "is a folder" in fail([*adapter, "--input", str(tmp_path / "texts.txt"), "--output", str(tmp_path)],
-                                  capsys)
+    assert "is a folder" in fail([*adapter, "--input", str(tmp_path / "texts.txt"), "--output", str(tmp_path)], capsys)

@@ -1,4 +1,5 @@
 """lora/inspection.py and inspect_lora.py on tiny models with known updates."""
+
 import json
 import math
 
@@ -6,15 +7,25 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LABELS, producer_config
-from lora.cli.inspect_lora import main, strict_json
+from helpers import LABELS, producer_config, refused
 from lora import DoRALinear, LoRALinear, inject_lora, save_adapter
-from lora.backbone import load_classifier_model
-from lora.errors import UsageError
-from lora.inspection import (adapter_stats, applied_weight, compare_adapters, direction_projections,
-                             energy_rank, entropy_rank, magnitude_direction_change, merge_gap,
-                             random_similarity, subspace_similarity, trend_slope, update_stats)
+from lora.classifier import load_classifier_model
+from lora.cli.inspect_lora import main, strict_json
 from lora.data import pad_batch
+from lora.inspection import (
+    adapter_stats,
+    applied_weight,
+    compare_adapters,
+    direction_projections,
+    energy_rank,
+    entropy_rank,
+    magnitude_direction_change,
+    merge_gap,
+    random_similarity,
+    subspace_similarity,
+    trend_slope,
+    update_stats,
+)
 
 
 def layer_with_update(rank_of_b: int) -> LoRALinear:
@@ -35,7 +46,7 @@ def test_update_stats_match_their_definitions():
     torch.testing.assert_close(torch.tensor(stats.singular_values), s[:4])
     assert abs(stats.update_norm - delta.norm().item()) < 1e-5
     assert abs(stats.relative_update - delta.norm().item() / weight.norm().item()) < 1e-6
-    assert abs(stats.top_share - (s[0] ** 2 / (s ** 2).sum()).item()) < 1e-5
+    assert abs(stats.top_share - (s[0] ** 2 / (s**2).sum()).item()) < 1e-5
     projected = (u[:, :4].T @ weight @ vh[:4].T).norm().item()
     assert abs(stats.amplification - delta.norm().item() / projected) < 1e-4
     energy = (s[:4] ** 2).cumsum(0) / (s[:4] ** 2).sum()
@@ -57,7 +68,8 @@ def test_effective_ranks_on_known_singular_values():
     assert energy_rank(torch.zeros(3)) == 0 and entropy_rank(torch.zeros(3)) == 0.0
     assert entropy_rank(torch.tensor([2.0, 2.0, 2.0, 0.0])) == pytest.approx(3.0, rel=1e-12)
     assert entropy_rank(torch.tensor([3.0, 1.0])) == pytest.approx(
-        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-12)  # 1.7548
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-12
+    )  # 1.7548
 
 
 def rank_one_dominated_layer(r: int = 8, tail: float = 0.05) -> LoRALinear:
@@ -76,8 +88,9 @@ def test_a_rank_one_dominated_adapter_reads_effective_rank_one():
     """The issue's case: a first singular value holding 98% of the energy and 7 small ones
     above 1% of it. A threshold count read 8 of 8; where the energy is says 1."""
     stats = update_stats("q", rank_one_dominated_layer())
-    torch.testing.assert_close(torch.tensor(stats.singular_values), torch.tensor([1.0] + [0.05] * 7),
-                               rtol=0, atol=1e-5)  # float32 SVD of a constructed matrix
+    torch.testing.assert_close(
+        torch.tensor(stats.singular_values), torch.tensor([1.0] + [0.05] * 7), rtol=0, atol=1e-5
+    )  # float32 SVD of a constructed matrix
     assert stats.top_share == pytest.approx(1 / 1.0175, rel=1e-4)
     assert sum(v > 0.01 * stats.singular_values[0] for v in stats.singular_values) == 8
     assert stats.energy_rank == 1
@@ -87,7 +100,7 @@ def test_a_rank_one_dominated_adapter_reads_effective_rank_one():
 
 def test_subspace_similarity_on_known_subspaces():
     eye = torch.eye(6)
-    first = torch.stack([2 * eye[0], eye[1]])                 # top directions e1, e2
+    first = torch.stack([2 * eye[0], eye[1]])  # top directions e1, e2
     second = torch.stack([2 * eye[0], eye[2], 0.5 * eye[1]])  # e1, e3, e2
     phi = subspace_similarity(first, second)
     torch.testing.assert_close(phi, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.5, 1.0]]))
@@ -98,8 +111,12 @@ def test_subspace_similarity_on_known_subspaces():
 
 def test_subspace_similarity_of_random_subspaces_is_near_its_expectation():
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([subspace_similarity(torch.randn(4, 64, generator=generator),
-                                             torch.randn(8, 64, generator=generator)) for _ in range(1000)])
+    draws = torch.stack(
+        [
+            subspace_similarity(torch.randn(4, 64, generator=generator), torch.randn(8, 64, generator=generator))
+            for _ in range(1000)
+        ]
+    )
     mean = draws.mean(0)
     # 1000 seeded draws: the mean is within 10% of max(i, j) / d at (1, 1), (4, 4) and (4, 8).
     for i, j in [(1, 1), (4, 4), (4, 8)]:
@@ -166,13 +183,14 @@ def test_merge_gap_is_float_rounding_and_leaves_the_model_unmerged(tiny_model_di
     assert 0 < merge_gap(model, inputs) < 1e-5
     assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoRALinear))
     assert [s.name for s in adapter_stats(model)] == [
-        f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+        f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
+    ]
 
 
 def test_the_command_prints_every_layer_and_draws_the_plot(tiny_model_dir, tmp_path, capsys):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     inject_lora(model, r=4, alpha=8.0)
-    save_adapter(tmp_path, model, producer_config(tiny_model_dir))
+    save_adapter(tmp_path, model, **producer_config(tiny_model_dir))
     main(["--adapter", str(tmp_path), "--plot", str(tmp_path / "plot.png")])
     out = capsys.readouterr().out
     assert "total" in out and out.count("attention.self.") >= 8  # parameter table + stats rows
@@ -189,7 +207,7 @@ def saved_adapter(folder, model_dir, r: int, seed: int):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
-    save_adapter(folder, model, producer_config(model_dir))
+    save_adapter(folder, model, **producer_config(model_dir))
     return model
 
 
@@ -208,10 +226,12 @@ def test_the_command_prints_json_for_scripts(tiny_model_dir, tmp_path, capsys):
 def test_json_of_an_untrained_adapter_reads_rank_zero(tiny_model_dir, tmp_path, capsys):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     inject_lora(model, r=2, alpha=4.0)  # B = 0: delta_W = 0
-    save_adapter(tmp_path, model, producer_config(tiny_model_dir))
+    save_adapter(tmp_path, model, **producer_config(tiny_model_dir))
     main(["--adapter", str(tmp_path), "--json"])
     layers = json.loads(capsys.readouterr().out)["layers"]
-    assert {(layer["amplification"], layer["energy_rank"], layer["entropy_rank"]) for layer in layers} == {(0.0, 0, 0.0)}
+    assert {(layer["amplification"], layer["energy_rank"], layer["entropy_rank"]) for layer in layers} == {
+        (0.0, 0, 0.0)
+    }
 
 
 def test_json_has_null_where_a_number_is_infinite():
@@ -220,8 +240,10 @@ def test_json_has_null_where_a_number_is_infinite():
 
 
 def test_compare_prints_the_subspace_similarity_and_draws_the_heatmaps(tiny_model_dir, tmp_path, capsys):
-    first, second = saved_adapter(tmp_path / "r2", tiny_model_dir, r=2, seed=1), \
-        saved_adapter(tmp_path / "r4", tiny_model_dir, r=4, seed=2)
+    first, second = (
+        saved_adapter(tmp_path / "r2", tiny_model_dir, r=2, seed=1),
+        saved_adapter(tmp_path / "r4", tiny_model_dir, r=4, seed=2),
+    )
     main(["--adapter", str(tmp_path / "r2"), "--compare", str(tmp_path / "r4"), "--json"])
     report = json.loads(capsys.readouterr().out)["compare"]
     expected = compare_adapters(first, second)
@@ -230,10 +252,20 @@ def test_compare_prints_the_subspace_similarity_and_draws_the_heatmaps(tiny_mode
     assert len(report["layers"][0]["phi"]) == 2 and len(report["layers"][0]["phi"][0]) == 4
     assert (tmp_path / "r2" / "subspace_similarity.png").stat().st_size > 10_000
 
-    main(["--adapter", str(tmp_path / "r4"), "--compare", str(tmp_path / "r4"),
-          "--compare-plot", str(tmp_path / "self.png")])
+    main(
+        [
+            "--adapter",
+            str(tmp_path / "r4"),
+            "--compare",
+            str(tmp_path / "r4"),
+            "--compare-plot",
+            str(tmp_path / "self.png"),
+        ]
+    )
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith("roberta.encoder.layer.1.attention.self.value")]
+    rows = [
+        line.split() for line in out.splitlines() if line.startswith("roberta.encoder.layer.1.attention.self.value")
+    ]
     # The last row is the similarity table: an adapter shares every direction with itself.
     assert rows[-1][1] == "1.000" and rows[-1][3] == "1.000" and rows[-1][2] == f"{1 / 32:.3f}"
     assert (tmp_path / "self.png").is_file()
@@ -241,5 +273,5 @@ def test_compare_prints_the_subspace_similarity_and_draws_the_heatmaps(tiny_mode
 
 def test_compare_plot_without_compare_is_a_usage_error(tiny_model_dir, tmp_path):
     saved_adapter(tmp_path, tiny_model_dir, r=2, seed=0)
-    with pytest.raises(UsageError, match="--compare-plot needs --compare"):
+    with refused("--compare-plot needs --compare"):
         main(["--adapter", str(tmp_path), "--compare-plot", str(tmp_path / "x.png")])

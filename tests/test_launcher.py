@@ -2,6 +2,7 @@
 scancel, preemption) and with a worker killed outright (``--max-restarts 1`` + ``--resume auto``).
 Each case must end with the adapter, optimizer and records of the uninterrupted run, bit for bit:
 every run here is the same computation (2 processes, 1 thread each, as torchrun sets)."""
+
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_run, processes_mentioning, run_process_group
+from helpers import assert_same_run, processes_mentioning, run_process_group
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,21 +21,62 @@ LAUNCH_TIMEOUT = 120  # one torchrun of the tiny model: about 10 s on 2 idle cor
 def torchrun(model_dir, data_dir, output_dir, fault=None):
     """``torchrun --standalone --nproc_per_node 2 --max-restarts 1 -- train.py ... --resume auto``."""
     env = {**os.environ, "PYTHONPATH": str(ENTRY.parent.parent), "LORA_TEST_FAULT": fault or ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "--max-restarts", "1", "--monitor-interval", "0.2", "--", str(ENTRY),
-               "--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(output_dir),
-               "--resume", "auto", "--r", "4", "--alpha", "8", "--lr", "5e-3", "--batch-size", "4",
-               "--grad-accum", "2", "--max-steps", "8", "--eval-steps", "3", "--log-steps", "1",
-               "--max-length", "32", "--val-size", "0.1", "--warmup-ratio", "0", "--metric", "loss"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "0.2",
+        "--",
+        str(ENTRY),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_dir),
+        "--output-dir",
+        str(output_dir),
+        "--resume",
+        "auto",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "8",
+        "--eval-steps",
+        "3",
+        "--log-steps",
+        "1",
+        "--max-length",
+        "32",
+        "--val-size",
+        "0.1",
+        "--warmup-ratio",
+        "0",
+        "--metric",
+        "loss",
+    ]
     return run_process_group(command, LAUNCH_TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, noisy_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
-    return {name: (root / name, torchrun(tiny_model_dir, noisy_data_dir, root / name, fault))
-            for name, fault in [("straight", None), ("killed", "kill-rank1@5"),
-                                ("sigterm", "sigterm-launcher@5")]}
+    return {
+        name: (root / name, torchrun(tiny_model_dir, noisy_data_dir, root / name, fault))
+        for name, fault in [("straight", None), ("killed", "kill-rank1@5"), ("sigterm", "sigterm-launcher@5")]
+    }
 
 
 def test_an_uninterrupted_run_under_torchrun(launched):
@@ -51,7 +93,8 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(launc
 
 
 def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_and_resume_auto_finishes_the_run(
-        launched, tiny_model_dir, noisy_data_dir):
+    launched, tiny_model_dir, noisy_data_dir
+):
     out, result = launched["sigterm"]
     assert result.returncode != 0 and "SIGTERM: stopping after this step" in result.stdout, result.stdout[-3000:]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)

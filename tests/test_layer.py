@@ -1,20 +1,20 @@
 """LoRALinear on its own: shapes, initialisation, the forward formula, precision, merge/unmerge
 and bad arguments. No RoBERTa here; everything runs on small random ``nn.Linear`` layers."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_value
+from helpers import assert_same_value
 from lora import LoRALinear
 
 IN, OUT, R, ALPHA = 16, 12, 4, 8.0
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
-def make_layer(dtype=torch.float32, r=R, alpha=ALPHA, dropout=0.0, rslora=False, seed=0,
-               random_b=True) -> LoRALinear:
+def make_layer(dtype=torch.float32, r=R, alpha=ALPHA, dropout=0.0, rslora=False, seed=0, random_b=True) -> LoRALinear:
     """A seeded eval-mode LoRALinear around a ``dtype`` Linear(IN, OUT); ``B`` random unless
     ``random_b`` is False (then it keeps its zero initialisation)."""
     torch.manual_seed(seed)
@@ -236,20 +236,29 @@ def test_extra_repr():
     assert "scaling=2.828" in repr(LoRALinear(nn.Linear(IN, OUT), r=8, alpha=8.0, rslora=True))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(r=0), "rank r"), (dict(r=-1), "rank r"), (dict(r=2.5), "rank r"),
-    (dict(r=True), "rank r"),
-    (dict(alpha=0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(alpha=float("nan")), "alpha"),
-    (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=0), "rank r"),
+        (dict(r=-1), "rank r"),
+        (dict(r=2.5), "rank r"),
+        (dict(r=True), "rank r"),
+        (dict(alpha=0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+    ],
+)
 def test_bad_hyperparameters_raise_value_error(kwargs, match):
     settings = dict(r=R, alpha=ALPHA, dropout=0.0) | kwargs
     with pytest.raises(ValueError, match=match):
         LoRALinear(nn.Linear(IN, OUT), **settings)
 
 
-@pytest.mark.parametrize("module", [nn.Conv1d(IN, OUT, 1), nn.Embedding(IN, OUT), nn.Identity()],
-                         ids=["conv", "embedding", "identity"])
+@pytest.mark.parametrize(
+    "module", [nn.Conv1d(IN, OUT, 1), nn.Embedding(IN, OUT), nn.Identity()], ids=["conv", "embedding", "identity"]
+)
 def test_non_linear_raises_type_error(module):
     with pytest.raises(TypeError, match=type(module).__name__):
         LoRALinear(module, r=R, alpha=ALPHA)

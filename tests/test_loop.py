@@ -1,6 +1,7 @@
 """The training loop's hardest promises, each with a test that fails when the promise breaks
 (``python tests/sabotage.py`` breaks the product code on purpose and checks that these go red):
 fp16 + GradScaler, skipped steps, exact resume, accumulation, clipping, schedule, best restore."""
+
 import json
 import signal
 
@@ -8,11 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora.training as training
-from conftest import GRADIENT_TOLERANCE, assert_same_run, config_for, records, tiny_model, tiny_tokenizer, toy_news
+import lora.train.loop as training
+from helpers import (
+    GRADIENT_TOLERANCE,
+    assert_same_run,
+    config_for,
+    records,
+    refused,
+    tiny_model,
+    tiny_tokenizer,
+    toy_news,
+)
 from lora import inject_lora
 from lora.data import pad_batch, tokenize
-from lora.training import TrainConfig, TrainingStopped, accumulate_gradients, make_optimizer, optimizer_step, train
+from lora.train.loop import TrainConfig, TrainingStopped, accumulate_gradients, adamw, optimizer_step, train
 
 
 def plant(monkeypatch, windows: set[int], value: float):
@@ -32,17 +42,19 @@ def plant(monkeypatch, windows: set[int], value: float):
 
 # ---------------------------------------------------------------- fp16 + GradScaler on CPU
 
+
 def test_fp16_on_cpu_trains_and_a_planted_overflow_skips_exactly_one_step(
-        tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, capsys):
+    tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, capsys
+):
     plant(monkeypatch, windows={4}, value=float("inf"))
     out = tmp_path / "fp16"
     summary = train(config_for(tiny_model_dir, toy_data_dir, out, precision="fp16", lr=5e-3, max_steps=12))
-    assert "--fp16 on CPU is slow and meant for CUDA" in capsys.readouterr().out
+    assert "fp16 on CPU is slow and meant for CUDA" in capsys.readouterr().out
     assert summary["precision"] == "fp16" and summary["steps"] == 12 and summary["skipped_steps"] == 1
     rows = records(out)
     skips = [r for r in rows if r["kind"] == "skip"]
     assert len(skips) == 1 and skips[0]["step"] == 3 and skips[0]["window"] == 4
-    assert skips[0]["scale"] == 2.0 ** 15  # backed off from 2 ** 16
+    assert skips[0]["scale"] == 2.0**15  # backed off from 2 ** 16
     # The scheduler did not move on the skipped step: the 12 applied steps have exactly the
     # learning rates of a 12-step linear decay, with nothing missing or repeated.
     lrs = [r["lr"] for r in rows if r["kind"] == "train"]
@@ -51,13 +63,14 @@ def test_fp16_on_cpu_trains_and_a_planted_overflow_skips_exactly_one_step(
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["progress"]["window"] == 13 and checkpoint["scheduler"]["last_epoch"] == 12
-    assert checkpoint["precision"] == "fp16" and checkpoint["scaler"]["scale"] == 2.0 ** 15
+    assert checkpoint["precision"] == "fp16" and checkpoint["scaler"]["scale"] == 2.0**15
     assert {t.dtype for t in checkpoint["adapter"].values()} == {torch.float32}
     assert {t.dtype for t in load_file(str(out / "adapter.safetensors")).values()} == {torch.float32}
 
 
 def test_non_finite_gradients_in_fp32_stop_at_once_with_a_resumable_checkpoint(
-        tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch):
+    tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "nan"
     plant(monkeypatch, windows={5}, value=float("nan"))
     with pytest.raises(TrainingStopped) as stopped:
@@ -83,6 +96,7 @@ def test_fp16_stops_after_too_many_skipped_steps_in_a_row(tiny_model_dir, noisy_
 
 # ---------------------------------------------------------------- exact resume
 
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_model_dir, noisy_data_dir, tmp_path_factory):
     """The uninterrupted run every resume is compared with. The metric is the validation loss,
@@ -94,7 +108,8 @@ def straight_run(tiny_model_dir, noisy_data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("how", ["ctrl-c at step 5", "sigterm at step 5", "crash inside step 8"])
 def test_resume_is_bit_identical_to_the_uninterrupted_run(
-        how, straight_run, tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch):
+    how, straight_run, tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch
+):
     losses = [r["loss"] for r in records(straight_run) if r["kind"] == "eval"]
     assert losses == sorted(losses, reverse=True) and len(set(losses)) == len(losses)  # still moving
     assert json.loads((straight_run / "summary.json").read_text())["best_step"] == 10
@@ -125,13 +140,14 @@ def test_resume_is_bit_identical_to_the_uninterrupted_run(
 
 
 def test_resume_refuses_settings_that_would_change_the_run(straight_run, tmp_path):
-    with pytest.raises(training.UsageError, match="--lr would change"):
+    with refused("--lr would change"):
         train(TrainConfig(output_dir=str(straight_run), resume=True, lr=1.0))
-    with pytest.raises(training.UsageError, match="--fp16/--bf16/--no-amp would change"):
+    with refused("--fp16/--bf16/--no-amp would change"):
         train(TrainConfig(output_dir=str(straight_run), resume=True, precision="fp16"))
 
 
 # ---------------------------------------------------------------- one step, exactly
+
 
 def random_lora_model(seed: int = 0):
     model = tiny_model(seed=seed, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -172,24 +188,24 @@ def sgd_model_with_gradients(scaler):
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_clipping_acts_on_the_true_gradients(fp16):
-    scaler = torch.amp.GradScaler("cpu", enabled=fp16, init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16, init_scale=2.0**10)
     weight, optimizer = sgd_model_with_gradients(scaler)
-    assert weight.grad[0] == (3 * 2.0 ** 10 if fp16 else 3)
+    assert weight.grad[0] == (3 * 2.0**10 if fp16 else 3)
     assert optimizer_step(optimizer, scaler, max_grad_norm=1.0) is True
     # SGD with lr 1 moves by minus the clipped true gradient: [3, 4] / 5.
     torch.testing.assert_close(weight.detach(), torch.tensor([-0.6, -0.8]), rtol=1e-6, atol=0)
 
 
 def test_the_loss_scale_backs_off_on_overflow_and_grows_after_good_steps():
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
-    for expected_scale in (2.0 ** 10, 2.0 ** 11):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    for expected_scale in (2.0**10, 2.0**11):
         weight, optimizer = sgd_model_with_gradients(scaler)
         assert optimizer_step(optimizer, scaler, max_grad_norm=100.0) is True
         assert scaler.get_scale() == expected_scale
     weight, optimizer = sgd_model_with_gradients(scaler)
     weight.grad[0] = float("inf")
     assert optimizer_step(optimizer, scaler, max_grad_norm=100.0) is False
-    assert torch.equal(weight.detach(), torch.zeros(2)) and scaler.get_scale() == 2.0 ** 10
+    assert torch.equal(weight.detach(), torch.zeros(2)) and scaler.get_scale() == 2.0**10
 
 
 def test_without_a_scaler_a_non_finite_gradient_is_never_applied():
@@ -203,13 +219,16 @@ def test_without_a_scaler_a_non_finite_gradient_is_never_applied():
 def test_weight_decay_skips_biases_and_layernorm():
     model = tiny_model()
     inject_lora(model, r=4, alpha=8.0, trainable_modules=("classifier", "LayerNorm"))
-    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.01)).param_groups
+    decay, no_decay = adamw(model, TrainConfig(weight_decay=0.01)).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    assert sorted(names[id(p)].rsplit(".", 1)[-1] for p in decay["params"]) == \
-        sorted(["lora_A", "lora_B"] * 4 + ["weight", "weight"])
-    assert {names[id(p)] for p in decay["params"] if "lora" not in names[id(p)]} == \
-        {"classifier.dense.weight", "classifier.out_proj.weight"}
+    assert sorted(names[id(p)].rsplit(".", 1)[-1] for p in decay["params"]) == sorted(
+        ["lora_A", "lora_B"] * 4 + ["weight", "weight"]
+    )
+    assert {names[id(p)] for p in decay["params"] if "lora" not in names[id(p)]} == {
+        "classifier.dense.weight",
+        "classifier.out_proj.weight",
+    }
     assert all(p.ndim == 1 for p in no_decay["params"])
     assert sum("LayerNorm" in names[id(p)] for p in no_decay["params"]) == 2 * 2 * 2 + 2
 
@@ -222,12 +241,17 @@ def test_warmup_then_linear_decay(tiny_model_dir, noisy_data_dir, tmp_path):
 
 # ---------------------------------------------------------------- the best adapter is what is tested
 
-@pytest.mark.parametrize("metric, scripted, best_step", [
-    ("accuracy", [0.5, 0.9, 0.7, 0.6], 6),
-    ("loss", [1.0, 0.4, 0.7, 0.5], 6),
-])
+
+@pytest.mark.parametrize(
+    "metric, scripted, best_step",
+    [
+        ("accuracy", [0.5, 0.9, 0.7, 0.6], 6),
+        ("loss", [1.0, 0.4, 0.7, 0.5], 6),
+    ],
+)
 def test_the_best_evaluation_not_the_last_decides_the_tested_adapter(
-        metric, scripted, best_step, tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch):
+    metric, scripted, best_step, tiny_model_dir, noisy_data_dir, tmp_path, monkeypatch
+):
     real, seen = training.evaluate, []
 
     def scripted_evaluate(model, *args):
@@ -238,8 +262,9 @@ def test_the_best_evaluation_not_the_last_decides_the_tested_adapter(
         return metrics, probabilities
 
     monkeypatch.setattr(training, "evaluate", scripted_evaluate)
-    summary = train(config_for(tiny_model_dir, noisy_data_dir, tmp_path / "run", metric=metric,
-                               max_steps=12, eval_steps=3))
+    summary = train(
+        config_for(tiny_model_dir, noisy_data_dir, tmp_path / "run", metric=metric, max_steps=12, eval_steps=3)
+    )
     assert summary["best_step"] == best_step and summary["val"][metric] == scripted[1]
     at_best, at_end, tested = seen[1], seen[3], seen[4]
     assert all(torch.equal(tested[n], at_best[n]) for n in at_best)
@@ -254,16 +279,20 @@ def test_each_optimizer_step_consumes_grad_accum_micro_batches(tiny_model_dir, t
         return real(model, micro_batches, *args)
 
     monkeypatch.setattr(training, "accumulate_gradients", counted)
-    summary = train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "run", batch_size=8, grad_accum=3,
-                               max_steps=4, eval_steps=4))
+    summary = train(
+        config_for(
+            tiny_model_dir, toy_data_dir, tmp_path / "run", batch_size=8, grad_accum=3, max_steps=4, eval_steps=4
+        )
+    )
     assert windows == [[8, 8, 8]] * 4  # 360 training rows: no window is short in the first epoch
     assert summary["steps"] == 4 and summary["train_examples_seen"] == 4 * 3 * 8
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["progress"]["window"] == 4
 
 
-def test_train_called_from_python_refuses_an_invalid_setting_before_anything_happens(tiny_model_dir, toy_data_dir,
-                                                                                      tmp_path):
-    with pytest.raises(training.UsageError, match="^--grad-accum must be at least 1, got 0$"):
+def test_train_called_from_python_refuses_an_invalid_setting_before_anything_happens(
+    tiny_model_dir, toy_data_dir, tmp_path
+):
+    with refused("^--grad-accum must be at least 1, got 0$"):
         train(config_for(tiny_model_dir, toy_data_dir, tmp_path / "run", grad_accum=0))
     assert not (tmp_path / "run").exists()
 

@@ -1,17 +1,32 @@
 """inject_lora and friends on RoBERTa: what gets wrapped and frozen, exact parameter counts,
 zero initialisation, gradients, merge/unmerge of a whole model, adapter state and bad input."""
+
 import pytest
 import torch
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import roberta_base_config, tiny_model, tiny_tokenizer
-from lora import (LoRALinear, count_parameters, inject_lora, layer_index, load_lora_state_dict,
-                  lora_layers, lora_settings, lora_state_dict, merge_lora, parameter_table,
-                  unmerge_lora)
+from helpers import roberta_base_config, tiny_model, tiny_tokenizer
+from lora import (
+    LoRAConfig,
+    LoRALinear,
+    count_parameters,
+    inject_lora,
+    layer_index,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    parameter_table,
+    unmerge_lora,
+)
+from lora.model import saved_lora_config
 
-TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
-         "New chip for online research"]
+TEXTS = [
+    "Stocks rally as bank profit beats the market",
+    "Coach praises team after cup match",
+    "New chip for online research",
+]
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -65,6 +80,7 @@ def roberta_base_r10():
 
 # --- exact parameter counts ------------------------------------------------------------------
 
+
 def test_roberta_base_r10_query_value_count(roberta_base_r10):
     model, names, base_total = roberta_base_r10
     assert base_total == 124_648_708
@@ -79,8 +95,17 @@ def test_roberta_base_parameter_table(roberta_base_r10):
     table = parameter_table(model).splitlines()
     assert table[0].split() == ["module", "A", "B", "trainable", "formula"]
     assert len(table) == 1 + 24 + 4 + 1
-    assert table[1].split() == ["roberta.encoder.layer.0.attention.self.query", "10x768", "768x10",
-                                "15,360", "10", "*", "(768", "+", "768)"]
+    assert table[1].split() == [
+        "roberta.encoder.layer.0.attention.self.query",
+        "10x768",
+        "768x10",
+        "15,360",
+        "10",
+        "*",
+        "(768",
+        "+",
+        "768)",
+    ]
     assert "classifier.dense.weight" in table[25] and "589,824" in table[25]
     assert table[-1].split() == ["total", "962,308", "0.770%", "of", "125,017,348"]
 
@@ -104,12 +129,12 @@ def test_count_parameters_tiny():
 
 # --- what inject_lora does -----------------------------------------------------------------------
 
+
 def test_inject_wraps_targets_in_place_and_freezes_the_rest():
     model = tiny_model(0)
     originals = {name: module for name, module in model.named_modules()}
     names = inject_lora(model, ("query", "value"), r=4, alpha=8)
-    expected = [f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1)
-                for m in ("query", "value")]
+    expected = [f"roberta.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
     assert names == expected
     assert [name for name, _ in lora_layers(model)] == expected
     for name in expected:
@@ -118,9 +143,10 @@ def test_inject_wraps_targets_in_place_and_freezes_the_rest():
         assert module.base is originals[name]  # wrapped, not copied
     assert isinstance(model.get_submodule("roberta.encoder.layer.0.attention.self.key"), nn.Linear)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == ({f"{n}.lora_{m}" for n in expected for m in "AB"}
-                         | {f"classifier.{m}.{p}" for m in ("dense", "out_proj")
-                            for p in ("weight", "bias")})
+    assert trainable == (
+        {f"{n}.lora_{m}" for n in expected for m in "AB"}
+        | {f"classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
+    )
     assert lora_state_dict(model).keys() == trainable
 
 
@@ -148,28 +174,35 @@ def test_layers_restricts_injection_and_settings_report_it():
     names = inject_lora(model, ("query",), r=4, alpha=8, layers=[0])
     assert names == ["roberta.encoder.layer.0.attention.self.query"]
     assert isinstance(model.roberta.encoder.layer[1].attention.self.query, nn.Linear)
-    assert lora_settings(model)["layers"] == [0]
+    assert model.lora.config.layers == (0,)
 
 
-def test_lora_settings_read_back():
+def test_the_model_records_the_config_it_was_given():
     model = tiny_model(0)
-    inject_lora(model, ("value", "query"), r=4, alpha=8.0, dropout=0.1, rslora=True)
-    assert lora_settings(model) == {
-        "r": 4, "alpha": 8.0, "dropout": 0.1, "rslora": True, "dora": False,
-        "target_modules": ["query", "value"],
-        "layers": None, "trainable_modules": ["classifier"]}
+    names = inject_lora(model, ("value", "query"), r=4, alpha=8.0, dropout=0.1, rslora=True)
+    assert model.lora.config == LoRAConfig(r=4, alpha=8.0, dropout=0.1, rslora=True, target_modules=("value", "query"))
+    assert model.lora.modules == tuple(names) and len(model.lora.base_fingerprint) == 16
+    assert saved_lora_config(model) == model.lora.config  # plain LoRA is saved as it was given
     with pytest.raises(ValueError, match="no LoRA layers"):
-        lora_settings(tiny_model(0))
+        saved_lora_config(tiny_model(0))
+    config = LoRAConfig(r=2, alpha=4.0, target_modules=["query"], layers=[1])  # lists become tuples
+    assert (config.target_modules, config.layers) == (("query",), (1,)) and hash(config)
+    again = tiny_model(0)
+    assert (
+        inject_lora(again, config) == ["roberta.encoder.layer.1.attention.self.query"] and again.lora.config is config
+    )
+    with pytest.raises(TypeError, match="not both"):
+        inject_lora(tiny_model(0), config, r=4)
+    with pytest.raises(ValueError, match="rank r must be an integer >= 1"):
+        LoRAConfig(r=0, alpha=1.0)
 
 
-def test_lora_settings_reproduce_the_same_trainable_parameters():
+def test_the_recorded_config_reproduces_the_same_trainable_parameters():
     """Trainable modules below the top level (LayerNorm) must survive a read-back."""
     model = tiny_model(0)
     inject_lora(model, r=8, alpha=16, trainable_modules=("classifier", "LayerNorm"))
-    settings = lora_settings(model)
     again = tiny_model(0)
-    inject_lora(again, settings["target_modules"], r=settings["r"], alpha=settings["alpha"],
-                trainable_modules=settings["trainable_modules"], layers=settings["layers"])
+    inject_lora(again, saved_lora_config(model))
     assert lora_state_dict(again).keys() == lora_state_dict(model).keys()
     assert any("LayerNorm" in name for name in lora_state_dict(again))
 
@@ -181,6 +214,7 @@ def test_layer_index():
 
 
 # --- gradients and optimizer ---------------------------------------------------------------------
+
 
 def is_adapter(name: str) -> bool:
     return "lora_A" in name or "lora_B" in name or name.startswith("classifier.")
@@ -221,6 +255,7 @@ def test_adamw_step_leaves_every_base_weight_unchanged():
 
 # --- merge / unmerge a whole model ---------------------------------------------------------------
 
+
 def test_merge_unmerge_model():
     model = tiny_model(0)
     inject_lora(model, ("query", "key", "value"), r=4, alpha=8, dropout=0.1)
@@ -231,8 +266,10 @@ def test_merge_unmerge_model():
     assert all(module.merged for _, module in lora_layers(model))
     merged = logits(model)
     assert (merged - unmerged).abs().max() < 1e-5
-    assert not torch.equal(model.roberta.encoder.layer[0].attention.self.query.base.weight,
-                           base["roberta.encoder.layer.0.attention.self.query.base.weight"])
+    assert not torch.equal(
+        model.roberta.encoder.layer[0].attention.self.query.base.weight,
+        base["roberta.encoder.layer.0.attention.self.query.base.weight"],
+    )
     merged_weights = snapshot(model)
     merge_lora(model)  # no-op
     assert_same_tensors(model, merged_weights)
@@ -271,18 +308,26 @@ def test_merge_model_in_half_precision(dtype, atol):
 
 # --- bad input -----------------------------------------------------------------------------------
 
+
 def assert_untouched(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     assert not any(True for _ in lora_layers(model))
     assert all(p.requires_grad for p in model.parameters())
     assert_same_tensors(model, saved)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(r=0), "rank r"), (dict(r=-1), "rank r"), (dict(r=2.5), "rank r"),
-    (dict(r=True), "rank r"),
-    (dict(alpha=0), "alpha"), (dict(alpha=-2.0), "alpha"),
-    (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=0), "rank r"),
+        (dict(r=-1), "rank r"),
+        (dict(r=2.5), "rank r"),
+        (dict(r=True), "rank r"),
+        (dict(alpha=0), "alpha"),
+        (dict(alpha=-2.0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+    ],
+)
 def test_bad_hyperparameters_raise_and_leave_the_model_untouched(kwargs, match):
     model = tiny_model(0)
     saved = snapshot(model)
@@ -291,9 +336,10 @@ def test_bad_hyperparameters_raise_and_leave_the_model_untouched(kwargs, match):
     assert_untouched(model, saved)
 
 
-@pytest.mark.parametrize("kwargs, where", [(dict(target_modules=("q", "v")), ""),
-                                           (dict(target_modules="query"), ""),
-                                           (dict(layers=[99]), "in layers [99]")])
+@pytest.mark.parametrize(
+    "kwargs, where",
+    [(dict(target_modules=("q", "v")), ""), (dict(target_modules="query"), ""), (dict(layers=[99]), "in layers [99]")],
+)
 def test_targets_that_match_nothing_list_the_real_names(kwargs, where):
     model = tiny_model(0)
     saved = snapshot(model)
@@ -320,6 +366,7 @@ def test_injecting_twice_raises_and_changes_nothing():
 
 # --- adapter state -------------------------------------------------------------------------------
 
+
 def adapted(seed: int = 0) -> nn.Module:
     model = tiny_model(0)
     inject_lora(model, ("query", "value"), r=4, alpha=8)
@@ -341,14 +388,15 @@ KEY = "roberta.encoder.layer.1.attention.self.value.lora_B"
 EXTRA = "roberta.encoder.layer.0.attention.self.key.lora_A"
 
 
-@pytest.mark.parametrize("kind, key",
-                         [("missing", KEY), ("unexpected", EXTRA), ("mis-shaped", KEY)])
+@pytest.mark.parametrize("kind, key", [("missing", KEY), ("unexpected", EXTRA), ("mis-shaped", KEY)])
 def test_load_lora_state_dict_rejects_bad_states_naming_the_key(kind, key):
     source, target = adapted(seed=1), adapted(seed=2)
     state = {name: tensor.clone() for name, tensor in lora_state_dict(source).items()}
-    bad = {"missing": {k: v for k, v in state.items() if k != KEY},
-           "unexpected": state | {EXTRA: state[KEY]},
-           "mis-shaped": state | {KEY: torch.zeros(32, 5)}}[kind]
+    bad = {
+        "missing": {k: v for k, v in state.items() if k != KEY},
+        "unexpected": state | {EXTRA: state[KEY]},
+        "mis-shaped": state | {KEY: torch.zeros(32, 5)},
+    }[kind]
     saved = snapshot(target)
     with pytest.raises(ValueError, match=kind) as error:
         load_lora_state_dict(target, bad)
@@ -359,8 +407,9 @@ def test_load_lora_state_dict_rejects_bad_states_naming_the_key(kind, key):
 def test_targets_never_reach_modules_trained_in_full():
     model = tiny_model(0)
     names = inject_lora(model, ("dense",), r=2, alpha=4, trainable_modules=("classifier",))
-    assert names == [f"roberta.encoder.layer.{i}.{m}.dense" for i in (0, 1)
-                     for m in ("attention.output", "intermediate", "output")]
+    assert names == [
+        f"roberta.encoder.layer.{i}.{m}.dense" for i in (0, 1) for m in ("attention.output", "intermediate", "output")
+    ]
     assert isinstance(model.classifier.dense, nn.Linear) and model.classifier.dense.weight.requires_grad
     with pytest.raises(ValueError, match="dense is both a LoRA target and a module trained in full"):
         inject_lora(tiny_model(0), ("dense",), r=2, alpha=4, trainable_modules=("dense",))
@@ -379,14 +428,10 @@ def test_an_adapter_never_holds_a_base_weight():
 def test_dotted_targets_tell_the_three_dense_layers_apart_and_read_back():
     model = tiny_model(0)
     names = inject_lora(model, ("attention.output.dense", "output.dense"), r=2, alpha=4)
-    assert names == [f"roberta.encoder.layer.{i}.{path}" for i in (0, 1)
-                     for path in ("attention.output.dense", "output.dense")]
+    assert names == [
+        f"roberta.encoder.layer.{i}.{path}" for i in (0, 1) for path in ("attention.output.dense", "output.dense")
+    ]
     assert isinstance(model.roberta.encoder.layer[0].intermediate.dense, nn.Linear)
     assert isinstance(model.classifier.dense, nn.Linear)
-    settings = lora_settings(model)
-    assert settings["target_modules"] == ["attention.output.dense", "output.dense"]
     again = tiny_model(0)
-    assert inject_lora(again, settings["target_modules"], r=2, alpha=4) == names
-    ffn = tiny_model(0)
-    inject_lora(ffn, ("intermediate.dense", "output.dense", "query"), r=2, alpha=4)
-    assert lora_settings(ffn)["target_modules"] == ["intermediate.dense", "output.dense", "query"]
+    assert inject_lora(again, saved_lora_config(model)) == names

@@ -1,6 +1,7 @@
 """Many adapters on one base (lora/multi.py, lora/multi_inference.py): a mixed batch gives every
 row what its adapter gives loaded alone and merged, for mixed ranks, targets, variants and label
 counts; rows without an adapter get the base; bad adapters are refused in one line."""
+
 import copy
 import json
 import shutil
@@ -10,39 +11,49 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import LABELS, random_adapter, tiny_model
-from lora import inject_lora, lora_layers, lora_settings, lora_state_dict
+from helpers import LABELS, random_adapter, refused, tiny_model
+from lora import inject_lora, lora_layers, lora_state_dict
+from lora.classifier import load_classifier
+from lora.cli import run_command
 from lora.cli.predict import main
-from lora.errors import UsageError, run_command
-from lora.inference import load_classifier, predict_proba
-from lora.multi import AdapterWeights, MultiAdapterModel, MultiLoRALinear
-from lora.multi_inference import adapter_folders, load_adapters
+from lora.serve.adapters import adapter_folders, load_adapters
+from lora.serve.multi import AdapterWeights, MultiAdapterModel, MultiLoRALinear
 
 # A row of a mixed batch adds s * (x A^T) B^T to x W^T; the reference folds s * B A into W
 # first (merged). Both are float32 sums in another order: they agree to ~1e-6 in probability.
 PARITY_TOLERANCE = dict(rtol=0, atol=1e-5)
-TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit beats forecasts",
-         "<b>Scientists</b> unveil a new chip &lt;online&gt;", " ".join(["war election minister"] * 40),
-         "match", "software internet research", "the market said shares fell today"]
+TEXTS = [
+    "Team wins the cup after a late goal",
+    "",
+    "Stocks rally as bank profit beats forecasts",
+    "<b>Scientists</b> unveil a new chip &lt;online&gt;",
+    " ".join(["war election minister"] * 40),
+    "match",
+    "software internet research",
+    "the market said shares fell today",
+]
 # name: labels, rank, targets, variant; together: ranks 2..8, four target sets, 2/3/4/5 labels.
 # "four" is train.py's DoRA run (cleaned text, max length 12, LayerNorms trained in full too); the
 # others are hand-made: train.py writes AG News' four labels only.
 ADAPTERS = {
     "two": dict(labels=["no", "yes"], r=2, targets=("query", "value")),
     "four": dict(labels=LABELS),
-    "five": dict(labels=["a", "b", "c", "d", "e"], r=8, targets=("query", "key", "value", "intermediate.dense"),
-                 dora=True),
-    "pissa": dict(labels=["p", "q", "r"], r=3, targets=("value", "attention.output.dense"), init="pissa",
-                  rslora=True),
+    "five": dict(
+        labels=["a", "b", "c", "d", "e"], r=8, targets=("query", "key", "value", "intermediate.dense"), dora=True
+    ),
+    "pissa": dict(labels=["p", "q", "r"], r=3, targets=("value", "attention.output.dense"), init="pissa", rslora=True),
 }
 
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, trained_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {name: shutil.copytree(trained_runs["dora"], root / name) if name == "four" else
-            random_adapter(tiny_model_dir, root / name, seed=seed, **settings)
-            for seed, (name, settings) in enumerate(ADAPTERS.items())}
+    return {
+        name: shutil.copytree(trained_runs["dora"], root / name)
+        if name == "four"
+        else random_adapter(tiny_model_dir, root / name, seed=seed, **settings)
+        for seed, (name, settings) in enumerate(ADAPTERS.items())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,7 @@ def alone(adapter_dirs):
 
 
 def expected(alone, texts, names) -> list[np.ndarray]:
-    return [predict_proba(*alone[name], [text], progress=False)[0] for text, name in zip(texts, names)]
+    return [alone[name].predict_proba([text])[0] for text, name in zip(texts, names)]
 
 
 @pytest.mark.timeout(120)
@@ -65,7 +76,8 @@ def test_a_mixed_batch_gives_each_row_its_adapter_alone_and_merged(adapter_dirs,
         assert row.shape == (len(ADAPTERS[name]["labels"]),)
         torch.testing.assert_close(torch.from_numpy(row), torch.from_numpy(want), **PARITY_TOLERANCE)
     assert adapters.classify(texts[:4], names[:4]) == [
-        ADAPTERS[name]["labels"][int(row.argmax())] for row, name in zip(rows[:4], names[:4])]
+        ADAPTERS[name]["labels"][int(row.argmax())] for row, name in zip(rows[:4], names[:4])
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -89,9 +101,10 @@ def random_weights(model, seed: int, labels: int, targets=("query", "value")) ->
     with torch.no_grad():
         for _, layer in lora_layers(adapted):
             layer.lora_B.normal_(std=0.5)
-    settings = lora_settings(adapted)
-    weights = AdapterWeights.from_state(lora_state_dict(adapted), settings["r"], settings["alpha"],
-                                        trainable_modules=settings["trainable_modules"])
+    config = adapted.lora.config
+    weights = AdapterWeights.from_state(
+        lora_state_dict(adapted), config.r, config.alpha, trainable_modules=config.trainable_modules
+    )
     return weights, adapted
 
 
@@ -147,22 +160,23 @@ def edit_config(directory, **changes):
 def test_bad_adapters_are_one_line_usage_errors(tiny_model_dir, adapter_dirs, tmp_path):
     other = random_adapter(tiny_model_dir, tmp_path / "other")
     edit_config(other, base_model="roberta-large")
-    with pytest.raises(UsageError, match=r"trained on base 'roberta-large', not on '.*tiny-roberta"):
+    with refused(r"trained on base 'roberta-large', not on '.*tiny-roberta"):
         load_adapters([adapter_dirs["two"], other], device="cpu")
     quantized = random_adapter(tiny_model_dir, tmp_path / "quantized")
     edit_config(quantized, quantize_base="nf4")
-    with pytest.raises(UsageError, match="trained on a nf4 base"):
+    with refused("trained on a nf4 base"):
         load_adapters([quantized], device="cpu")
-    with pytest.raises(UsageError, match="two adapter folders are named two"):
+    with refused("two adapter folders are named two"):
         load_adapters([adapter_dirs["two"], adapter_dirs["two"]], device="cpu")
     adapters = load_adapters({"two": adapter_dirs["two"]}, device="cpu")
-    with pytest.raises(UsageError, match="unknown adapter\\(s\\) 'nope'; served: two"):
+    with refused("unknown adapter\\(s\\) 'nope'; served: two"):
         adapters.predict_proba(["goal"], ["nope"])
 
 
 @pytest.mark.timeout(120)
-def test_predict_py_with_several_adapters_answers_each_row_with_its_own_in_input_order(adapter_dirs, alone,
-                                                                                        tmp_path, capsys):
+def test_predict_py_with_several_adapters_answers_each_row_with_its_own_in_input_order(
+    adapter_dirs, alone, tmp_path, capsys
+):
     names = ["five", "two", "four", "five", "pissa", "two"]
     truth = [ADAPTERS[name]["labels"][i % len(ADAPTERS[name]["labels"])] for i, name in enumerate(names)]
     source = tmp_path / "mixed.csv"
@@ -193,10 +207,13 @@ def test_predict_py_with_several_adapters_refuses_what_it_cannot_do_in_one_line(
         ([*two_four, "--text", "goal"], "name each row's adapter in an --input column ('adapter'); --text has none"),
         ([*two_four, "--input", str(source)], "names adapter(s) 'seven' in column 'adapter'; given: two, four"),
         ([*two_four, "--input", str(source), "--adapter-column", "group"], "has no 'group' column"),
-        ([f"x={adapter_dirs['two']}", f"x={adapter_dirs['four']}", "--input", str(source)], "two adapters are named 'x'"),
+        (
+            [f"x={adapter_dirs['two']}", f"x={adapter_dirs['four']}", "--input", str(source)],
+            "two adapters are named 'x'",
+        ),
     ]:
         with pytest.raises(SystemExit) as caught:
-            run_command(lambda: main(["--adapter", *argv, "--output", str(tmp_path / "out.csv")]))
+            run_command(lambda argv=argv: main(["--adapter", *argv, "--output", str(tmp_path / "out.csv")]))
         err = capsys.readouterr().err
         assert caught.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out.csv").exists()

@@ -1,6 +1,7 @@
 """The teaching notebook cannot rot: it runs top to bottom in its quick setting (the same code,
 a few steps per training run) and shows the numbers that must not change; the committed .ipynb
 is its jupytext source, executed in full."""
+
 import json
 import os
 import subprocess
@@ -31,9 +32,21 @@ def code_cells(notebook) -> list:
 def test_the_notebook_runs_in_its_quick_setting_and_shows_the_numbers_that_must_not_change(tmp_path):
     output = tmp_path / "quick.ipynb"
     environment = {**os.environ, "LORA_NOTEBOOK_QUICK": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, str(REPO / "notebooks" / "execute.py"), "--output", str(output),
-                           "--cell-timeout", str(QUICK_RUN_TIMEOUT_S)], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=QUICK_RUN_TIMEOUT_S)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "notebooks" / "execute.py"),
+            "--output",
+            str(output),
+            "--cell-timeout",
+            str(QUICK_RUN_TIMEOUT_S),
+        ],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_RUN_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # a failing cell names itself here
     cells = code_cells(nbformat.read(output, as_version=4))
     text = "\n".join(stream_text(cell) for cell in cells)
@@ -41,13 +54,16 @@ def test_the_notebook_runs_in_its_quick_setting_and_shows_the_numbers_that_must_
     assert "trainable: 6,144 = r * (in + out)" in text
     assert "zero-init output equals the base bit for bit: True" in text
     assert "unmerge restores W bit for bit: True" in text
-    assert ("roberta-base, r=10 on query and value (the seeds' best): 962,308 trainable of 125,017,348"
-            in text)
-    assert "roberta-base, r=8 on query only (seed 001's recipe): 741,124 trainable of 124,796,164" in text
+    first = "roberta-base, r=10, alpha=64 on query and value (the course project's recipe)"
+    second = "roberta-base, r=8, alpha=8 on query only (the other course project's recipe)"
+    assert f"{first}: 962,308 trainable of 125,017,348" in text
+    assert f"{second}: 741,124 trainable of 124,796,164" in text
     assert "unmerge restores every pretrained weight bit for bit: True" in text
     must_not_change = json.loads(stream_text(cells[-1]).split("checks them in its quick run):\n", 1)[1])
-    assert must_not_change["trainable"] == {"r=10 on query and value (the seeds' best)": 962_308,
-                                            "r=8 on query only (seed 001's recipe)": 741_124}
+    assert must_not_change["trainable"] == {
+        "r=10, alpha=64 on query and value (the course project's recipe)": 962_308,
+        "r=8, alpha=8 on query only (the other course project's recipe)": 741_124,
+    }
     assert must_not_change["zero_init_equal"] and must_not_change["restored"]
     assert 0 <= must_not_change["merge_gap"] < 1e-4  # float rounding of a merged vs unmerged forward
     assert text.count("rank90") >= 1 and "phi(1,1)" in text and "slope of delta_M on delta_D" in text
@@ -68,7 +84,10 @@ def test_the_committed_notebook_is_its_source_executed_in_full():
 def test_the_kernel_is_this_python_whatever_kernelspecs_are_installed(tmp_path, monkeypatch):
     bogus = tmp_path / "kernels" / "python3"
     bogus.mkdir(parents=True)
-    (bogus / "kernel.json").write_text(json.dumps({"argv": ["/bin/false", "{connection_file}"],
-                                                   "display_name": "another Python", "language": "python"}))
+    (bogus / "kernel.json").write_text(
+        json.dumps(
+            {"argv": ["/bin/false", "{connection_file}"], "display_name": "another Python", "language": "python"}
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))  # searched before every other kernelspec folder
     assert own_kernel().kernel_spec.argv[:3] == [sys.executable, "-m", "ipykernel_launcher"]

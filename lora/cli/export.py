@@ -12,16 +12,16 @@ field for; predict.py and inspect_lora.py read it back). Then, in Python:
         base_name, config=AutoConfig.from_pretrained("exported/minilm"))
     model = PeftModel.from_pretrained(base, "exported/minilm")
 
-(see the README, "With peft and the Hub"). Reads top to bottom: read the adapter, map it,
+(see docs/peft-and-hub.md). Reads top to bottom: read the adapter, map it,
 write the folder.
 """
+
 import argparse
 from pathlib import Path
 
 from lora.adapter import WEIGHTS_NAME
-from lora.backbone import load_model_config, resolve_model
-from lora.errors import UsageError, run_command
-from lora.inference import read_adapter
+from lora.classifier import load_model_config, read_adapter, resolve_model
+from lora.cli import UsageError, run_command
 from lora.peft_format import is_peft_folder, save_peft_adapter
 
 
@@ -40,16 +40,22 @@ def main(argv=None) -> None:
     if is_peft_folder(run_dir) and not (run_dir / WEIGHTS_NAME).is_file():
         raise UsageError(f"{run_dir} is a peft adapter already; predict.py and inspect_lora.py read it as it is")
     state, config = read_adapter(run_dir)
-    base = resolve_model(config["base_model"])  # an alias (minilm) becomes its folder
-    model_config = load_model_config(base, config["labels"])  # the base's config, our label names
+    base = resolve_model(config.base_model)  # an alias (minilm) becomes its folder
+    model_config = load_model_config(base, list(config.labels))  # the base's config, our label names
     save_peft_adapter(out_dir, state, config, base_model_name_or_path=base)
     model_config.save_pretrained(out_dir)
-    print(f"wrote a peft LoRA adapter (base {base}, {len(config['labels'])} labels) to {out_dir}")
-    if config["quantize_base"] is not None:
-        print(f"note: the adapter was trained on a {config['quantize_base']} base; peft reproduces its "
-              "predictions on a base loaded with the same bitsandbytes quantization")
+    print(f"wrote a peft LoRA adapter (base {base}, {len(config.labels)} labels) to {out_dir}")
+    if config.quantize_base is not None:
+        print(
+            f"note: the adapter was trained on a {config.quantize_base} base; peft reproduces its "
+            "predictions on a base loaded with the same bitsandbytes quantization"
+        )
 
 
 def run() -> None:
     """The ``lora-export`` console command and ``python export.py``."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    run()

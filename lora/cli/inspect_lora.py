@@ -14,50 +14,62 @@ adapter into the weights leaves the logits unchanged; and draws the relative upd
 and module. ``--compare OTHER_RUN`` adds the LoRA paper's subspace similarity phi between the
 two adapters' ``A`` matrices, layer by layer, and draws it as one heatmap per layer.
 """
+
 import argparse
 import dataclasses
 import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-import numpy as np  # noqa: E402
-
-from lora import count_parameters, layer_index, parameter_table  # noqa: E402
-from lora.data import pad_batch, tokenize  # noqa: E402
-from lora.errors import UsageError, run_command  # noqa: E402
-from lora.inference import CHECK_TEXTS, latest_run, load_classifier  # noqa: E402
-from lora.inspection import (ENERGY_SHARE, adapter_stats, compare_adapters, merge_gap,  # noqa: E402
-                             random_similarity)
+from lora import count_parameters, parameter_table
+from lora.classifier import CHECK_TEXTS, load_classifier
+from lora.cli import UsageError, latest_run, run_command
+from lora.data import pad_batch, tokenize
+from lora.inspection import (
+    ENERGY_SHARE,
+    adapter_stats,
+    compare_adapters,
+    merge_gap,
+    plot_similarity,
+    plot_stats,
+    random_similarity,
+)
 
 
 def print_stats(stats) -> None:
     dora = any(s.magnitude_change is not None for s in stats)
     magnitude = f" {'|dm|/|m|':>9}" if dora else ""
-    print(f"{'layer':<48} {'r':>3} {'|W|':>8} {'|dW|':>8} {'|dW|/|W|':>9}{magnitude} {'rank90':>6} "
-          f"{'erank':>6} {'top share':>9} {'amplif.':>8}  singular values")
+    print(
+        f"{'layer':<48} {'r':>3} {'|W|':>8} {'|dW|':>8} {'|dW|/|W|':>9}{magnitude} {'rank90':>6} "
+        f"{'erank':>6} {'top share':>9} {'amplif.':>8}  singular values"
+    )
     for s in stats:
         values = " ".join(f"{v:.3g}" for v in s.singular_values)
         magnitude = f" {s.magnitude_change:>9.4f}" if dora else ""
-        print(f"{s.name:<48} {s.r:>3} {s.weight_norm:>8.3f} {s.update_norm:>8.4f} {s.relative_update:>9.4f}"
-              f"{magnitude} {s.energy_rank:>6} {s.entropy_rank:>6.2f} {s.top_share:>9.3f} "
-              f"{s.amplification:>8.2f}  {values}")
-    print(f"rank90: fewest directions holding {ENERGY_SHARE:.0%} of |dW|^2; "
-          "erank: exp(entropy of s_i / sum s_j) (Roy and Vetterli 2007)")
+        print(
+            f"{s.name:<48} {s.r:>3} {s.weight_norm:>8.3f} {s.update_norm:>8.4f} {s.relative_update:>9.4f}"
+            f"{magnitude} {s.energy_rank:>6} {s.entropy_rank:>6.2f} {s.top_share:>9.3f} "
+            f"{s.amplification:>8.2f}  {values}"
+        )
+    print(
+        f"rank90: fewest directions holding {ENERGY_SHARE:.0%} of |dW|^2; "
+        "erank: exp(entropy of s_i / sum s_j) (Roy and Vetterli 2007)"
+    )
 
 
 def print_similarity(similarities, other: Path) -> None:
     first = similarities[0]
-    print(f"\nsubspace similarity phi(i, j) = |U_i^T V_j|_F^2 / min(i, j) of A (r={first.r_first}) "
-          f"and A of {other} (r={first.r_second}); random subspaces: max(i, j) / in")
+    print(
+        f"\nsubspace similarity phi(i, j) = |U_i^T V_j|_F^2 / min(i, j) of A (r={first.r_first}) "
+        f"and A of {other} (r={first.r_second}); random subspaces: max(i, j) / in"
+    )
     print(f"{'layer':<48} {'phi(1,1)':>8} {'random':>7} {'phi(k,k)':>8} {'random':>7}   k = min(r1, r2)")
     for s in similarities:
         k = min(s.r_first, s.r_second)
-        print(f"{s.name:<48} {s.top:>8.3f} {random_similarity(1, 1, s.in_features):>7.3f} "
-              f"{s.common:>8.3f} {random_similarity(k, k, s.in_features):>7.3f}")
+        print(
+            f"{s.name:<48} {s.top:>8.3f} {random_similarity(1, 1, s.in_features):>7.3f} "
+            f"{s.common:>8.3f} {random_similarity(k, k, s.in_features):>7.3f}"
+        )
 
 
 def strict_json(value):
@@ -72,77 +84,41 @@ def strict_json(value):
     return value
 
 
-def plot_stats(stats, path: Path) -> None:
-    """Left: |delta_W| / |W| per encoder layer and module. Right: normalised singular values."""
-    modules = sorted({s.name.rsplit(".", 1)[-1] for s in stats})
-    layers = sorted({layer_index(s.name) for s in stats})
-    grid = np.full((len(layers), len(modules)), np.nan)
-    for s in stats:
-        grid[layers.index(layer_index(s.name)), modules.index(s.name.rsplit(".", 1)[-1])] = s.relative_update
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    image = left.imshow(grid, cmap="viridis", aspect="auto")
-    left.set(xticks=range(len(modules)), xticklabels=modules, yticks=range(len(layers)), yticklabels=layers,
-             xlabel="module", ylabel="encoder layer", title="|ΔW|_F / |W|_F")
-    figure.colorbar(image, ax=left)
-    for s in stats:
-        values = np.array(s.singular_values)
-        right.plot(range(1, len(values) + 1), values / values[0] if values[0] > 0 else values, alpha=0.6)
-    right.set(xlabel="index", ylabel="σ_i / σ_1", title="Singular values of ΔW (one line per layer)")
-    right.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_similarity(similarities, path: Path, first_label: str = "this adapter",
-                    second_label: str = "other adapter") -> None:
-    """One heatmap of phi(i, j) per layer (the LoRA paper's Figure 3), a shared 0..1 colour scale."""
-    columns = min(4, len(similarities))
-    rows = -(-len(similarities) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False,
-                                layout="constrained")
-    for axis, s in zip(axes.flat, similarities):
-        image = axis.imshow(np.array(s.phi), cmap="viridis", vmin=0, vmax=1, aspect="auto",
-                            extent=(0.5, s.r_second + 0.5, s.r_first + 0.5, 0.5))
-        short = ".".join(part for part in s.name.split(".") if part.isdigit() or part == s.name.rsplit(".", 1)[-1])
-        axis.set_title(short, fontsize=9)
-        axis.set_xlabel(f"j ({second_label}, r={s.r_second})", fontsize=8)
-        axis.set_ylabel(f"i ({first_label}, r={s.r_first})", fontsize=8)
-    for axis in list(axes.flat)[len(similarities):]:
-        axis.axis("off")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j) = |U_i^T V_j|² / min(i, j)")
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", help="run folder or peft LoRA folder (default: the newest run under runs/)")
     parser.add_argument("--base", help="base model to load instead of the one the adapter names (hub id or folder)")
-    parser.add_argument("--force", action="store_true",
-                        help="load the adapter even onto base weights other than those it was trained on")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="load the adapter even onto base weights other than those it was trained on",
+    )
     parser.add_argument("--plot", help="PNG to draw (default: <adapter>/lora_updates.png)")
-    parser.add_argument("--compare", metavar="OTHER_RUN",
-                        help="a second run folder: subspace similarity of the two adapters, layer by layer")
-    parser.add_argument("--compare-plot", help="PNG of the similarity heatmaps "
-                                               "(default: <adapter>/subspace_similarity.png)")
+    parser.add_argument(
+        "--compare",
+        metavar="OTHER_RUN",
+        help="a second run folder: subspace similarity of the two adapters, layer by layer",
+    )
+    parser.add_argument(
+        "--compare-plot", help="PNG of the similarity heatmaps (default: <adapter>/subspace_similarity.png)"
+    )
     parser.add_argument("--json", action="store_true", help="print everything as one JSON object instead")
     args = parser.parse_args(argv)
     if args.compare_plot and not args.compare:
         raise UsageError("--compare-plot needs --compare OTHER_RUN")
     adapter_dir = Path(args.adapter) if args.adapter else latest_run()
-    model, tokenizer = load_classifier(adapter_dir, device="cpu", merge=False, base_model=args.base,
-                                       force=args.force)
+    classifier = load_classifier(adapter_dir, device="cpu", merge=False, base_model=args.base, force=args.force)
+    model, tokenizer = classifier.model, classifier.tokenizer
     similarities = None
     if args.compare:
-        other, _ = load_classifier(args.compare, device="cpu", merge=False, force=args.force)
+        other = load_classifier(args.compare, device="cpu", merge=False, force=args.force).model
         try:
             similarities = compare_adapters(model, other)
         except ValueError as error:
             raise UsageError(f"--compare {args.compare}: {error}") from None
 
     stats = adapter_stats(model)
-    ids = tokenize(CHECK_TEXTS, tokenizer, model.adapter_config["max_length"])
+    ids = tokenize(CHECK_TEXTS, tokenizer, classifier.config.max_length)
     gap = merge_gap(model, pad_batch([i or [tokenizer.unk_token_id] for i in ids], tokenizer.pad_token_id))
     plot = Path(args.plot or adapter_dir / "lora_updates.png")
     plot_stats(stats, plot)
@@ -153,13 +129,21 @@ def main(argv=None) -> None:
 
     if args.json:
         trainable, total = count_parameters(model)
-        report = {"adapter": str(adapter_dir), "trainable_parameters": trainable, "total_parameters": total,
-                  "energy_share": ENERGY_SHARE, "layers": [dataclasses.asdict(s) for s in stats],
-                  "merge_gap": gap, "plot": str(plot)}
+        report = {
+            "adapter": str(adapter_dir),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "energy_share": ENERGY_SHARE,
+            "layers": [dataclasses.asdict(s) for s in stats],
+            "merge_gap": gap,
+            "plot": str(plot),
+        }
         if similarities:
-            report["compare"] = {"other": args.compare, "plot": str(compare_plot),
-                                 "layers": [{**dataclasses.asdict(s), "top": s.top, "common": s.common}
-                                            for s in similarities]}
+            report["compare"] = {
+                "other": args.compare,
+                "plot": str(compare_plot),
+                "layers": [{**dataclasses.asdict(s), "top": s.top, "common": s.common} for s in similarities],
+            }
         print(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return
     print(parameter_table(model), end="\n\n")
@@ -174,3 +158,7 @@ def main(argv=None) -> None:
 def run() -> None:
     """The ``lora-inspect`` console command and ``python inspect_lora.py``."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    run()

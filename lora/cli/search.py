@@ -16,6 +16,7 @@ same command again (after Ctrl-C, or on more machines against one ``--storage`` 
 it goes on with the same study. At the end: ``trials.csv``, ``best.json`` (with the train.py
 command), ``history.png``, ``importances.png``, ``accuracy_vs_parameters.png`` and a summary.
 """
+
 import argparse
 import dataclasses
 from datetime import datetime
@@ -23,30 +24,66 @@ from pathlib import Path
 
 import optuna
 
-from lora import search_report
-from lora.backbone import require_hub_or_cache
+from lora.classifier import require_hub_or_cache
+from lora.cli import PRECISION_FLAGS, UsageError, flag_for, run_command
 from lora.cli.train import explicit_fields
 from lora.cli.train import parse_args as parse_train_args
-from lora.config import HIGHER_IS_BETTER
 from lora.data import load_splits
-from lora.errors import UsageError, run_command
-from lora.run_folder import RUNS_DIR
-from lora.search_space import ParameterCounter, build_space
-from lora.search_study import PRUNERS, RUN_ONLY, open_storage, open_study, optimize
+from lora.search import report
+from lora.search.space import ParameterCounter, build_space
+from lora.search.study import PRUNERS, RUN_ONLY, open_storage, open_study, optimize
+from lora.train import TrainConfig
+from lora.train.config import HIGHER_IS_BETTER
+from lora.train.run_folder import RUNS_DIR
+
+
+def command_line(config: TrainConfig) -> str:
+    """The train.py command that runs ``config`` (flags that differ from the defaults)."""
+    defaults, flags = TrainConfig(), []
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(config, field.name)
+        if field.name in RUN_ONLY or value == getattr(defaults, field.name):
+            continue
+        flag = flag_for(field.name)
+        if field.name == "precision":
+            flags.append(PRECISION_FLAGS[value])
+        elif isinstance(value, bool):
+            flags.append(flag)
+        elif isinstance(value, tuple):
+            flags.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(["python train.py", *flags])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=20,
-                        help="trained trials the study should reach, all workers together (default: %(default)s)")
-    parser.add_argument("--max-params", type=int, default=None,
-                        help="budget of trainable parameters, LoRA + trained modules (default: none)")
-    parser.add_argument("--pruner", choices=list(PRUNERS), default="median",
-                        help="stop trials that are behind at an evaluation (default: %(default)s)")
-    parser.add_argument("--search-dir", default=None, help="folder of the trials and results "
-                        "(default: runs/search-<timestamp>)")
-    parser.add_argument("--storage", default=None, help="Optuna RDB URL, e.g. postgresql+psycopg2://user:pw@host/db "
-                        "(default: sqlite:///<search-dir>/study.db)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="trained trials the study should reach, all workers together (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-params",
+        type=int,
+        default=None,
+        help="budget of trainable parameters, LoRA + trained modules (default: none)",
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=list(PRUNERS),
+        default="median",
+        help="stop trials that are behind at an evaluation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--search-dir", default=None, help="folder of the trials and results (default: runs/search-<timestamp>)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB URL, e.g. postgresql+psycopg2://user:pw@host/db (default: sqlite:///<search-dir>/study.db)",
+    )
     parser.add_argument("--study-name", default="lora", help="(default: %(default)s)")
     args, train_argv = parser.parse_known_args(argv)
     if args.trials < 1:
@@ -65,17 +102,22 @@ def main(argv=None) -> None:
     labels = load_splits(base.data, base.val_size, base.seed, base.clean).labels
     fixed = explicit_fields(train_argv) - set(RUN_ONLY)  # settings of a run, not of the search
     space = build_space(base, fixed, ParameterCounter(base.model, labels), args.max_params)
-    definition = {**{k: v for k, v in dataclasses.asdict(base).items() if k not in RUN_ONLY},
-                  "fixed_flags": sorted(fixed), "max_params": args.max_params}
+    definition = {
+        **{k: v for k, v in dataclasses.asdict(base).items() if k not in RUN_ONLY},
+        "fixed_flags": sorted(fixed),
+        "max_params": args.max_params,
+    }
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial; no tracebacks
-    study = open_study(storage, args.study_name, definition,
-                       "maximize" if HIGHER_IS_BETTER[base.metric] else "minimize")
+    study = open_study(
+        storage, args.study_name, definition, "maximize" if HIGHER_IS_BETTER[base.metric] else "minimize"
+    )
     # Seeded by the trials already there: a fresh study is reproducible, a resumed one draws anew.
-    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials),
-                                               n_startup_trials=max(4, min(10, args.trials // 3)))
+    study.sampler = optuna.samplers.TPESampler(
+        seed=base.seed + len(study.trials), n_startup_trials=max(4, min(10, args.trials // 3))
+    )
     study.pruner = PRUNERS[args.pruner](base.eval_steps)
-    interrupted = optimize(study, space, base, directory, args.trials)
-    print(search_report.write_results(study, directory, base.metric, args.max_params))
+    interrupted = optimize(study, space, base, directory, args.trials, describe=command_line)
+    print(report.write_results(study, directory, base.metric, args.max_params))
     if interrupted:
         print("run the same command again to continue the search")
         raise KeyboardInterrupt
@@ -84,3 +126,7 @@ def main(argv=None) -> None:
 def run() -> None:
     """The ``lora-search`` console command and ``python search.py``."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    run()

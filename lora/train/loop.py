@@ -4,9 +4,11 @@ checkpoints -> best adapter -> one test evaluation -> report.
 The loop is written by hand (no Trainer) so it can be read top to bottom, nanoGPT style:
 autocast, loss / examples-in-window, GradScaler, unscale before clipping, step, zero_grad.
 ``_train`` is the whole job in order; each step it takes is a named function below or beside it:
-the run folder and checkpoints (``run_folder.py``), the counters (``progress.py``), evaluation
-(``evaluation.py``), several processes (``distributed.py``), Ctrl-C and SIGTERM (``signals.py``).
+the run folder, its progress and checkpoints (``run_folder.py``), evaluation (``evaluation.py``),
+precision, checkpointing and compiling (``execution.py``), several processes and stopping on a
+signal (``distributed.py``), plots and TensorBoard (``report.py``).
 """
+
 import dataclasses
 import math
 import sys
@@ -19,39 +21,45 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..adapter import load_adapter, provenance, save_adapter
+from ..classifier import load_classifier_model, load_tokenizer, pick_device, require_hub_or_cache
+from ..config import InputError, SettingError
+from ..data import Splits, length_grouped_batches, load_splits, pad_batch, tokenize
+from ..model import count_parameters, inject_lora, load_lora_state_dict, parameter_table, quantize_base
+from ..quantize import describe_quantized
+from ..variants import lora_plus_groups
 from . import distributed, report, run_folder
-from .adapter import load_adapter, save_adapter
-from .backbone import load_classifier_model, load_tokenizer, require_hub_or_cache
 from .config import TrainConfig
-from .data import Splits, length_grouped_batches, load_splits, pad_batch, tokenize
-from .device import autocast_context, pick_device, pick_precision
-from .distributed import World
-from .errors import UsageError
+from .distributed import World, graceful_stop
 from .evaluation import evaluate
-from .execution import training_module
-from .model import count_parameters, inject_lora, load_lora_state_dict, parameter_table, quantize_base
-from .progress import Progress
-from .provenance import provenance
-from .quantize import describe_quantized
-from .run_folder import Run, restore_training_state, save_training_state
-from .signals import graceful_stop
-from .tensorboard import open_writer
-from .variants import lora_plus_groups
+from .execution import autocast_context, pick_precision, training_module
+from .report import open_writer
+from .run_folder import Progress, Run, restore_training_state, save_training_state
 
 # fp16: this many skipped steps in a row means the loss itself is not finite: stop the run.
 MAX_CONSECUTIVE_SKIPS = 20
 
 
-class TrainingStopped(UsageError):
+class TrainingStopped(SettingError):
     """The loss or the gradients stopped being finite; the last checkpoint stays resumable."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run at a step boundary; ``directory`` holds its checkpoint."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory)
+        self.directory = directory
+
+
 # ---------------------------------------------------------------- what a run trains, and with what
+
 
 @dataclass
 class Job:
     """What a run trains on: the splits, their token ids (tokenised once) and labels, the
     tokenizer, and the LoRA model on its device (``wrapped``: the names of its LoRA layers)."""
+
     splits: Splits
     tokenizer: object
     train_ids: list[list[int]]
@@ -84,6 +92,7 @@ class Job:
 @dataclass
 class Optimisation:
     """AdamW, its schedule, the fp16 loss scaler, autocast, and the shape of the run in steps."""
+
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -95,7 +104,7 @@ class Optimisation:
 
 
 def load_job(config: TrainConfig, device: torch.device) -> Job:
-    """Data (tokenised once), tokenizer and the LoRA model; every failure here is a UsageError,
+    """Data (tokenised once), tokenizer and the LoRA model; every failure here is an InputError,
     raised before the run folder exists."""
     require_hub_or_cache(config.model, config.data)
     splits = load_splits(config.data, config.val_size, config.seed, config.clean)
@@ -107,17 +116,15 @@ def load_job(config: TrainConfig, device: torch.device) -> Job:
     torch.manual_seed(config.seed)
     model = load_classifier_model(config.model, splits.labels)
     try:
-        wrapped = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                              trainable_modules=config.trainable_modules, layers=config.layers,
-                              rslora=config.rslora, dora=config.dora, init=config.init)
+        wrapped = inject_lora(model, config.lora_config())
         if config.quantize_base is not None:
             quantize_base(model, config.quantize_base, config.double_quant)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise SettingError(str(error)) from None
     return Job(splits, tokenizer, train_ids, val_ids, model.to(device), wrapped)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters only; biases and LayerNorm weights get no weight decay;
     with ``lora_plus_ratio`` every ``lora_B`` learns at ``lr * ratio`` (LoRA+)."""
     decay, no_decay = [], []
@@ -125,22 +132,24 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         if parameter.requires_grad:
             skip = parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
             (no_decay if skip else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.lora_plus_ratio is not None:
         groups = lora_plus_groups(model, groups, config.lr, config.lora_plus_ratio)
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def linear_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
-                           total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate from 0 up to its peak over ``warmup_steps``, then linearly down to 0 at
     ``total_steps`` (transformers' ``get_linear_schedule_with_warmup``, the same numbers;
     importing that one imports peft, and with it bitsandbytes when installed)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -151,17 +160,26 @@ def make_optimisation(model, config: TrainConfig, precision: str, world: World, 
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = make_optimizer(model, config)
+    optimizer = adamw(model, config)
     scheduler = linear_warmup_schedule(optimizer, round(config.warmup_ratio * total_steps), total_steps)
-    return Optimisation(optimizer, scheduler, torch.amp.GradScaler(world.device.type, enabled=precision == "fp16"),
-                        autocast_context(precision, world.device), precision, global_batch, steps_per_epoch,
-                        total_steps)
+    return Optimisation(
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler(world.device.type, enabled=precision == "fp16"),
+        autocast_context(precision, world.device),
+        precision,
+        global_batch,
+        steps_per_epoch,
+        total_steps,
+    )
 
 
 # ---------------------------------------------------------------- one step, one evaluation
 
-def accumulate_gradients(model, micro_batches: list[dict], autocast, scaler,
-                         window_examples: int | None = None, ranks: int = 1) -> float:
+
+def accumulate_gradients(
+    model, micro_batches: list[dict], autocast, scaler, window_examples: int | None = None, ranks: int = 1
+) -> float:
     """Forward and backward over the micro-batches of one optimizer step.
 
     Each micro-batch's summed cross-entropy is divided by the number of examples in the whole
@@ -180,8 +198,11 @@ def accumulate_gradients(model, micro_batches: list[dict], autocast, scaler,
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # The loss in float32 whatever autocast did to the logits.
-            loss = (F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-                    * batch.get("loss_weight", 1.0) / window_examples)
+            loss = (
+                F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                * batch.get("loss_weight", 1.0)
+                / window_examples
+            )
             scaler.scale(loss * ranks).backward()
         total += loss.item()
     return total
@@ -210,22 +231,25 @@ def optimizer_step(optimizer, scaler, max_grad_norm: float) -> bool:
     return scaler.get_scale() >= scale  # the scale only ever shrinks after a skipped step
 
 
-def evaluate_and_keep_best(run: Run, job: Job, optimisation: Optimisation, progress: Progress,
-                           world: World) -> None:
+def evaluate_and_keep_best(run: Run, job: Job, optimisation: Optimisation, progress: Progress, world: World) -> None:
     """Validation metrics; save the adapter when they improve; stop when patience runs out."""
     config = run.config
-    metrics, _ = evaluate(job.model, job.val_ids, job.val_labels, 2 * config.batch_size, job.pad_id,
-                          optimisation.autocast, world)
+    metrics, _ = evaluate(
+        job.model, job.val_ids, job.val_labels, 2 * config.batch_size, job.pad_id, optimisation.autocast, world
+    )
     improved = progress.evaluated(metrics, config.metric, config.patience)
     if improved and world.is_main:
-        save_adapter(run.directory, job.model, adapter_config(config, job.splits.labels))
-    tqdm.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-               + (" (best)" if improved else f" ({progress.bad_evals}/{config.patience} without improvement)"))
+        save_adapter(run.directory, job.model, **adapter_fields(config, job.splits.labels))
+    tqdm.write(
+        f"step {progress.step}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + (" (best)" if improved else f" ({progress.bad_evals}/{config.patience} without improvement)")
+    )
 
 
 def check_every_trainable_gets_a_gradient(model, batch: dict) -> None:
     """One forward and backward (random generators untouched) before training: a trainable
-    parameter that gets no gradient (``--trainable-modules pooler`` on a model that never uses
+    parameter that gets no gradient (``trainable_modules=("pooler",)`` on a model that never uses
     its pooler) is a one-line error here, not a DistributedDataParallel traceback later."""
     with torch.random.fork_rng(devices=[]):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().sum().backward()
@@ -233,14 +257,18 @@ def check_every_trainable_gets_a_gradient(model, batch: dict) -> None:
     model.zero_grad(set_to_none=True)
     if unused:
         shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
-        raise UsageError(f"{shown} would train but the model's output does not depend on it; "
-                         "drop it from --trainable-modules")
+        raise SettingError(
+            f"{shown} would train but the model's output does not depend on it; drop it from {{trainable_modules}}",
+            "trainable_modules",
+        )
 
 
 # ---------------------------------------------------------------- the job
 
-def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None = None,
-          explicit: set[str] | None = None) -> dict:
+
+def train(
+    config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None = None, explicit: set[str] | None = None
+) -> dict:
     """Run the whole job; returns the summary that is also written to ``summary.json``.
 
     ``on_evaluation(step, metrics)`` is called after each validation evaluation (and its
@@ -255,7 +283,7 @@ def train(config: TrainConfig, on_evaluation: Callable[[int, dict], None] | None
     try:
         with distributed.quiet_unless_main(world):
             return _train(config, world, on_evaluation, explicit)
-    except (KeyboardInterrupt, UsageError) as stopped:  # a stop every rank takes at the same step
+    except (KeyboardInterrupt, InputError) as stopped:  # a stop every rank takes at the same step
         # Drop _train's frames, and with them the DDP model that holds the process group, before
         # the group is destroyed: a DDP model outliving destroy_process_group() in a traceback
         # freed later left one rank hanging in gloo's teardown while the other went on.
@@ -273,7 +301,8 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
     precision = run.checkpoint["precision"] if run.checkpoint else pick_precision(config.precision, world.device)
     job = load_job(config, world.device)
     check_every_trainable_gets_a_gradient(
-        job.model, {k: v.to(world.device) for k, v in pad_batch(job.train_ids[:2], job.pad_id).items()})
+        job.model, {k: v.to(world.device) for k, v in pad_batch(job.train_ids[:2], job.pad_id).items()}
+    )
     if world.is_main and not config.resume:
         run_folder.create(run.directory, config)
     distributed.barrier(world)
@@ -292,8 +321,9 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
     trained_model.train()
     lengths, labels = [len(ids) for ids in job.train_ids], job.train_labels
     in_terminal = sys.stderr.isatty() and world.is_main  # a bar in a terminal; plain lines in a log
-    bar = tqdm(total=optimisation.total_steps, initial=progress.step, desc="training", unit="step",
-               disable=not in_terminal)
+    bar = tqdm(
+        total=optimisation.total_steps, initial=progress.step, desc="training", unit="step", disable=not in_terminal
+    )
     epoch_batches = {}
     board = open_writer(config.report_to, run.directory, progress.records, run.checkpoint is not None, world.is_main)
     with graceful_stop() as stop, board:
@@ -302,19 +332,29 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
             if distributed.any_rank(stop.requested, world):  # every rank stops at the same step
                 save_training_state(run.directory, job.model, optimisation, progress, world)
                 bar.close()
-                print(f"\nstopped at step {progress.step}; checkpoint saved; continue with: "
-                      f"python train.py --resume --output-dir {run.directory}")
-                raise KeyboardInterrupt
+                print(f"\nstopped at step {progress.step}; checkpoint saved in {run.directory}")
+                raise RunInterrupted(run.directory)
             epoch, window_in_epoch = divmod(progress.window, optimisation.steps_per_epoch)
             if epoch not in epoch_batches:  # the same order on resume and on every rank: seed + epoch only
                 epoch_batches = {epoch: length_grouped_batches(lengths, optimisation.global_batch, config.seed + epoch)}
-            window = epoch_batches[epoch][window_in_epoch * config.grad_accum:(window_in_epoch + 1) * config.grad_accum]
+            window = epoch_batches[epoch][
+                window_in_epoch * config.grad_accum : (window_in_epoch + 1) * config.grad_accum
+            ]
             micro_batches = [job.micro_batch(indices, labels, world) for indices in window]
             window_examples = sum(len(indices) for indices in window)
 
             started = time.perf_counter()
-            loss = distributed.total(accumulate_gradients(trained_model, micro_batches, optimisation.autocast,
-                                                          optimisation.scaler, window_examples, world.size), world)
+            loss = distributed.total(
+                accumulate_gradients(
+                    trained_model,
+                    micro_batches,
+                    optimisation.autocast,
+                    optimisation.scaler,
+                    window_examples,
+                    world.size,
+                ),
+                world,
+            )
             stepped = optimizer_step(optimisation.optimizer, optimisation.scaler, config.max_grad_norm)
             optimisation.optimizer.zero_grad(set_to_none=True)
             progress.consumed_window(window_examples, time.perf_counter() - started)
@@ -323,11 +363,7 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
                 if progress.skips_in_a_row >= (MAX_CONSECUTIVE_SKIPS if optimisation.scaler.is_enabled() else 1):
                     save_training_state(run.directory, job.model, optimisation, progress, world)
                     bar.close()
-                    raise TrainingStopped(
-                        f"the loss or gradients were not finite in {progress.skips_in_a_row} window(s) in a row "
-                        f"at step {progress.step} (loss {loss}); stopped without applying them: lower --lr or "
-                        f"--max-grad-norm, or try --bf16; the best adapter so far and a checkpoint are in "
-                        f"{run.directory}")
+                    raise not_finite(progress, loss, run.directory)
                 continue
             optimisation.scheduler.step()  # only after an applied step: a skipped step does not move the schedule
             progress.stepped()
@@ -339,24 +375,39 @@ def _train(config: TrainConfig, world: World, on_evaluation=None, explicit=None)
                     on_evaluation(progress.step, progress.records[-1])
     bar.close()
     if progress.stopped_early:
-        print(f"early stop at step {progress.step}: no {config.metric} improvement "
-              f"in {config.patience} evaluations")
+        print(f"early stop at step {progress.step}: no {config.metric} improvement in {config.patience} evaluations")
     return finish(run, job, optimisation, progress, world)
 
 
-def log_step(progress: Progress, optimisation: Optimisation, config: TrainConfig, bar, epoch: int,
-             loss: float) -> None:
+def not_finite(progress: Progress, loss: float, directory: Path) -> TrainingStopped:
+    """Why the run stops when the gradients stay non-finite, and what to change."""
+    return TrainingStopped(
+        f"the loss or gradients were not finite in {progress.skips_in_a_row} window(s) in a row "
+        f"at step {progress.step} (loss {loss}); stopped without applying them: lower {{lr}} or "
+        f"{{max_grad_norm}}, or train in bf16 ({{precision}}); the best adapter so far and a "
+        f"checkpoint are in {directory}",
+        "lr",
+        "max_grad_norm",
+        "precision",
+    )
+
+
+def log_step(progress: Progress, optimisation: Optimisation, config: TrainConfig, bar, epoch: int, loss: float) -> None:
     """The progress bar after every step; a record (and a plain line outside a terminal) every
     ``--log-steps`` steps."""
     lr = optimisation.scheduler.get_last_lr()[0]
     bar.update()
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{progress.throughput:.1f}",
-                    skipped=progress.skipped_steps)
+    bar.set_postfix(
+        loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_per_s=f"{progress.throughput:.1f}", skipped=progress.skipped_steps
+    )
     if progress.step % config.log_steps == 0:
         progress.log_train(epoch, loss, lr)
         if bar.disable:
-            print(f"step {progress.step}/{optimisation.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                  f"{progress.throughput:.1f} ex/s, {progress.skipped_steps} skipped", flush=True)
+            print(
+                f"step {progress.step}/{optimisation.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                f"{progress.throughput:.1f} ex/s, {progress.skipped_steps} skipped",
+                flush=True,
+            )
 
 
 def describe_run(run: Run, job: Job, optimisation: Optimisation, world: World) -> None:
@@ -364,23 +415,33 @@ def describe_run(run: Run, job: Job, optimisation: Optimisation, world: World) -
     config = run.config
     print(f"run: {run.directory}  device: {world.device}  precision: {optimisation.precision}")
     print(f"data: {len(job.train_ids)} train, {len(job.val_ids)} validation, {len(job.splits.test)} test rows")
-    print(f"LoRA on {len(job.wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in job.wrapped}))}); "
-          f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}")
+    print(
+        f"LoRA on {len(job.wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in job.wrapped}))}); "
+        f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}"
+    )
     if config.quantize_base is not None:
         print(describe_quantized(job.model))
     trainable, total = count_parameters(job.model)
     print(parameter_table(job.model))
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    print(f"effective batch: {config.batch_size} (--batch-size) x {config.grad_accum} (--grad-accum) x "
-          f"{world.size} process(es) = {optimisation.global_batch * config.grad_accum} examples per optimizer step")
+    print(
+        f"effective batch: {config.batch_size} (batch size) x {config.grad_accum} (gradient accumulation) x "
+        f"{world.size} process(es) = {optimisation.global_batch * config.grad_accum} examples per optimizer step"
+    )
 
 
-def adapter_config(config: TrainConfig, labels: list[str]) -> dict:
-    """What ``adapter_config.json`` records beside the LoRA settings: how to rebuild the base
-    model and its inputs (``predict.py`` reads it)."""
-    return {"base_model": _portable_model_name(config.model), "labels": labels, "max_length": config.max_length,
-            "clean": config.clean, "provenance": provenance(), "quantize_base": config.quantize_base,
-            "double_quant": config.double_quant}
+def adapter_fields(config: TrainConfig, labels: list[str]) -> dict:
+    """What ``adapter_config.json`` records beside the LoRA settings (``AdapterConfig``'s other
+    fields): how to rebuild the base model and its inputs (``predict.py`` reads them)."""
+    return {
+        "base_model": _portable_model_name(config.model),
+        "labels": labels,
+        "max_length": config.max_length,
+        "clean": config.clean,
+        "provenance": provenance(),
+        "quantize_base": config.quantize_base,
+        "double_quant": config.double_quant,
+    }
 
 
 def _portable_model_name(name: str) -> str:
@@ -397,17 +458,29 @@ def finish(run: Run, job: Job, optimisation: Optimisation, progress: Progress, w
     if config.evaluate_test:
         test_ids = tokenize(job.splits.test["text"], job.tokenizer, config.max_length)
         test_labels = job.splits.test["label"].tolist()
-        test_metrics, probabilities = evaluate(job.model, test_ids, test_labels, 2 * config.batch_size,
-                                               job.pad_id, optimisation.autocast, world)
+        test_metrics, probabilities = evaluate(
+            job.model, test_ids, test_labels, 2 * config.batch_size, job.pad_id, optimisation.autocast, world
+        )
     trainable, total = count_parameters(job.model)
     summary = {
-        "best_step": progress.best_step, "steps": progress.step, "skipped_steps": progress.skipped_steps,
-        "stopped_early": progress.stopped_early, "metric": config.metric, "val": progress.best_evaluation(),
-        "test": test_metrics, "trainable_parameters": trainable, "total_parameters": total,
-        "train_seconds": round(progress.train_seconds, 2), "examples_per_second": round(progress.throughput, 2),
-        "train_examples_seen": progress.train_examples, "test_rows": len(test_labels),
-        "device": str(device), "processes": world.size, "precision": optimisation.precision,
-        "config": dataclasses.asdict(config), "provenance": provenance(),
+        "best_step": progress.best_step,
+        "steps": progress.step,
+        "skipped_steps": progress.skipped_steps,
+        "stopped_early": progress.stopped_early,
+        "metric": config.metric,
+        "val": progress.best_evaluation(),
+        "test": test_metrics,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds": round(progress.train_seconds, 2),
+        "examples_per_second": round(progress.throughput, 2),
+        "train_examples_seen": progress.train_examples,
+        "test_rows": len(test_labels),
+        "device": str(device),
+        "processes": world.size,
+        "precision": optimisation.precision,
+        "config": dataclasses.asdict(config),
+        "provenance": provenance(),
     }
     if not world.is_main:
         return summary
@@ -417,9 +490,12 @@ def finish(run: Run, job: Job, optimisation: Optimisation, progress: Progress, w
         return summary
     probabilities = probabilities.numpy()
     report.plot_test_errors(test_labels, probabilities.argmax(axis=1), job.splits.labels, run.directory)
-    report.misclassified_table(job.splits.test["text"].tolist(), test_labels, probabilities,
-                               job.splits.labels).to_csv(run.directory / "misclassified.csv", index=False)
+    report.misclassified_table(job.splits.test["text"].tolist(), test_labels, probabilities, job.splits.labels).to_csv(
+        run.directory / "misclassified.csv", index=False
+    )
     skipped = f", {progress.skipped_steps} skipped steps" if progress.skipped_steps else ""
-    print(f"test: accuracy {test_metrics['accuracy']:.4f}, macro F1 {test_metrics['f1_macro']:.4f} "
-          f"({len(test_labels)} rows; best step {progress.best_step}{skipped}); results in {run.directory}")
+    print(
+        f"test: accuracy {test_metrics['accuracy']:.4f}, macro F1 {test_metrics['f1_macro']:.4f} "
+        f"({len(test_labels)} rows; best step {progress.best_step}{skipped}); results in {run.directory}"
+    )
     return summary

@@ -30,13 +30,14 @@ Imports only torch: the model can be any ``nn.Module`` whose frozen layers are `
 Not thread-safe: one forward at a time per ``MultiAdapterModel`` (the adapter index of the
 running batch is shared state of its layers).
 """
+
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .layer import lora_scaling
+from ..layer import lora_scaling
 
 LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude")
 
@@ -45,6 +46,7 @@ LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude")
 class LayerUpdate:
     """One adapter's update of one Linear: ``A (r, in)``, ``B (out, r)``, the scaling ``s``,
     and DoRA's magnitude ``m (out,)`` (None for plain LoRA)."""
+
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
@@ -56,12 +58,19 @@ class AdapterWeights:
     """One adapter as tensors: ``layers`` maps a Linear's dotted name to its ``LayerUpdate``;
     ``modules`` maps a trainable module's name (``"classifier"``) to its tensors, named
     relative to it (``"dense.weight"``)."""
+
     layers: dict[str, LayerUpdate] = field(default_factory=dict)
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], r: int, alpha: float, rslora: bool = False,
-                   trainable_modules: tuple[str, ...] | list[str] = ()) -> "AdapterWeights":
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        r: int,
+        alpha: float,
+        rslora: bool = False,
+        trainable_modules: tuple[str, ...] | list[str] = (),
+    ) -> "AdapterWeights":
         """Split a ``lora_state_dict`` (an adapter file) into layer updates and module tensors.
 
         Raises:
@@ -75,22 +84,38 @@ class AdapterWeights:
             if leaf in LORA_KEYS:
                 parts.setdefault(owner, {})[leaf] = tensor.float()
                 continue
-            module = next((m for m in trainable_modules if key.startswith(m + ".")), None)
+            module = _trained_module(key, trainable_modules)
             if module is None:
                 stray.append(key)
             else:
-                weights.modules.setdefault(module, {})[key[len(module) + 1:]] = tensor
+                weights.modules.setdefault(module, {})[key[len(module) + 1 :]] = tensor
         if stray:
-            raise ValueError(f"adapter tensors outside LoRA layers and trainable modules "
-                             f"{list(trainable_modules)}: {', '.join(sorted(stray)[:5])}")
+            raise ValueError(
+                f"adapter tensors outside LoRA layers and trainable modules "
+                f"{list(trainable_modules)}: {', '.join(sorted(stray)[:5])}"
+            )
         for name, tensors in parts.items():
             if "lora_A" not in tensors or "lora_B" not in tensors:
                 raise ValueError(f"{name} has no lora_A or no lora_B")
             if tensors["lora_A"].shape[0] != r:
                 raise ValueError(f"{name}.lora_A has rank {tensors['lora_A'].shape[0]}, the config says r={r}")
-            weights.layers[name] = LayerUpdate(tensors["lora_A"], tensors["lora_B"], scaling,
-                                               tensors.get("lora_magnitude"))
+            weights.layers[name] = LayerUpdate(
+                tensors["lora_A"], tensors["lora_B"], scaling, tensors.get("lora_magnitude")
+            )
         return weights
+
+
+def _trained_module(key: str, trainable_modules) -> str | None:
+    """The module that tensor ``key`` belongs to as a module trained in full: the shortest prefix
+    of its dotted name that ends with one of ``trainable_modules`` (``"classifier"``, or a path
+    such as ``"output.LayerNorm"``, which names that LayerNorm in every encoder layer)."""
+    parts = key.split(".")
+    for end in range(1, len(parts)):
+        for module in trainable_modules:
+            wanted = module.split(".")
+            if parts[max(0, end - len(wanted)) : end] == wanted:
+                return ".".join(parts[:end])
+    return None
 
 
 class Routing:
@@ -127,8 +152,7 @@ class MultiLoRALinear(nn.Module):
         lora_B = torch.zeros(slots, base.out_features, rank, device=device)
         scaling = torch.zeros(slots, device=device)
         slot_of = torch.zeros(len(updates) + 1, dtype=torch.long, device=device)
-        for slot, (index, update) in enumerate(
-                ((i, u) for i, u in enumerate(updates) if u is not None), start=1):
+        for slot, (index, update) in enumerate(((i, u) for i, u in enumerate(updates) if u is not None), start=1):
             r = update.lora_A.shape[0]
             lora_A[slot, :r], lora_B[slot, :, :r] = update.lora_A, update.lora_B
             scaling[slot], slot_of[index] = update.scaling, slot
@@ -136,8 +160,9 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_A", lora_A)
         self.register_buffer("lora_B", lora_B)
         self.register_buffer("scaling", scaling)
-        self.register_buffer("dora_factor", self._dora_factors(present)
-                             if any(u.magnitude is not None for u in present) else None)
+        self.register_buffer(
+            "dora_factor", self._dora_factors(present) if any(u.magnitude is not None for u in present) else None
+        )
 
     @torch.no_grad()
     def _dora_factors(self, present: list[LayerUpdate]) -> torch.Tensor:
@@ -193,14 +218,17 @@ class RowwiseModule(nn.Module):
             rows = (index == adapter).nonzero().squeeze(1)
             row_args = [arg[rows] if torch.is_tensor(arg) else arg for arg in args]
             tensors = self.tensors[adapter] if adapter < len(self.tensors) else None  # else: none
-            output = self.base(*row_args, **kwargs) if tensors is None else \
-                functional_call(self.base, tensors, tuple(row_args), kwargs, strict=False)
+            output = (
+                self.base(*row_args, **kwargs)
+                if tensors is None
+                else functional_call(self.base, tensors, tuple(row_args), kwargs, strict=False)
+            )
             groups.append((rows, output))
         width = max(output.shape[-1] for _, output in groups)
         first = groups[0][1]
         result = first.new_full((len(index), *first.shape[1:-1], width), float("-inf"))
         for rows, output in groups:
-            result[rows, ..., :output.shape[-1]] = output
+            result[rows, ..., : output.shape[-1]] = output
         return result
 
 
@@ -246,14 +274,20 @@ class MultiAdapterModel(nn.Module):
         for name in names:
             base = self._submodule(name)
             if type(base) is not nn.Linear:
-                raise ValueError(f"{name} is a {type(base).__name__}, not an nn.Linear: "
-                                 "only float Linear layers are served")
+                raise ValueError(
+                    f"{name} is a {type(base).__name__}, not an nn.Linear: only float Linear layers are served"
+                )
             updates = [adapter.layers.get(name) for adapter in adapters]
             for update in filter(None, updates):
-                if (update.lora_A.shape[1] != base.in_features or update.lora_B.shape[0] != base.out_features
-                        or update.lora_B.shape[1] != update.lora_A.shape[0]):
-                    raise ValueError(f"{name}: A {tuple(update.lora_A.shape)}, B {tuple(update.lora_B.shape)} "
-                                     f"do not fit a Linear {base.in_features} -> {base.out_features}")
+                if (
+                    update.lora_A.shape[1] != base.in_features
+                    or update.lora_B.shape[0] != base.out_features
+                    or update.lora_B.shape[1] != update.lora_A.shape[0]
+                ):
+                    raise ValueError(
+                        f"{name}: A {tuple(update.lora_A.shape)}, B {tuple(update.lora_B.shape)} "
+                        f"do not fit a Linear {base.in_features} -> {base.out_features}"
+                    )
             _replace(self.model, name, MultiLoRALinear(base, self.routing, updates))
 
     def _wrap_modules(self, adapters: list[AdapterWeights]) -> None:
@@ -266,8 +300,7 @@ class MultiAdapterModel(nn.Module):
                 if unknown:
                     raise ValueError(f"module {name} has no {', '.join(sorted(unknown))}")
             device = next(base.parameters()).device
-            tensors = [None if t is None else {k: v.to(device, own[k].dtype) for k, v in t.items()}
-                       for t in tensors]
+            tensors = [None if t is None else {k: v.to(device, own[k].dtype) for k, v in t.items()} for t in tensors]
             _replace(self.model, name, RowwiseModule(base, self.routing, tensors))
 
     def _submodule(self, name: str) -> nn.Module:
@@ -278,8 +311,11 @@ class MultiAdapterModel(nn.Module):
 
     def _restore_base(self) -> None:
         """Put every wrapped layer and module back: the model as it was loaded."""
-        wrapped = [(name, module) for name, module in self.model.named_modules()
-                   if isinstance(module, (MultiLoRALinear, RowwiseModule))]
+        wrapped = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if isinstance(module, (MultiLoRALinear, RowwiseModule))
+        ]
         for name, module in wrapped:
             _replace(self.model, name, module.base)
         self.adapter_count = 0

@@ -7,6 +7,7 @@ A setting given as a train.py flag is fixed and not searched. The trainable coun
 configuration is exact and known before anything trains: LoRA is injected into the model
 built on the meta device (shapes only, no weights), and counted with ``count_parameters``.
 """
+
 import dataclasses
 from dataclasses import dataclass
 from functools import cache
@@ -15,10 +16,10 @@ from itertools import product
 import optuna
 import torch
 
-from .backbone import load_model_config
-from .errors import UsageError
-from .model import count_parameters, inject_lora, lora_layers
-from .config import TrainConfig
+from ..classifier import load_model_config
+from ..config import SettingError
+from ..model import count_parameters, inject_lora, lora_layers
+from ..train import TrainConfig
 
 # Where LoRA goes. Dotted names are paths inside an encoder layer (see lora.model.is_target):
 # BERT and RoBERTa call the attention output, and the FFN's two layers, all "dense".
@@ -37,8 +38,18 @@ GRAD_ACCUMS = (1, 2, 4)
 
 # The TrainConfig fields the search sets; one given as a train.py flag is fixed instead.
 # ``trainable_modules`` is the pooler switch (searched only when the model has a pooler).
-SEARCHABLE = ("target_modules", "layers", "trainable_modules", "r", "alpha", "dropout",
-              "lr", "weight_decay", "batch_size", "grad_accum")
+SEARCHABLE = (
+    "target_modules",
+    "layers",
+    "trainable_modules",
+    "r",
+    "alpha",
+    "dropout",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "grad_accum",
+)
 
 
 class OverBudget(Exception):
@@ -52,8 +63,7 @@ class OverBudget(Exception):
 def layer_indices(choice: str, num_layers: int) -> tuple[int, ...] | None:
     """``"all"`` -> None (every layer); ``"top_half"`` / ``"bottom_half"`` -> the indices."""
     half = num_layers // 2
-    return {"all": None, "top_half": tuple(range(half, num_layers)),
-            "bottom_half": tuple(range(half))}[choice]
+    return {"all": None, "top_half": tuple(range(half, num_layers)), "bottom_half": tuple(range(half))}[choice]
 
 
 class ParameterCounter:
@@ -62,17 +72,18 @@ class ParameterCounter:
     def __init__(self, model_name: str, labels: list[str]):
         self.model_config = load_model_config(model_name, labels)
         self.num_layers = self.model_config.num_hidden_layers
-        self.has_pooler = any(name.rsplit(".", 1)[-1] == "pooler"
-                              for name, _ in self._meta_model().named_modules())
+        self.has_pooler = any(name.rsplit(".", 1)[-1] == "pooler" for name, _ in self._meta_model().named_modules())
 
     def _meta_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
+
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(self.model_config)
 
-    @cache
-    def cost(self, targets: tuple[str, ...], layers: tuple[int, ...] | None,
-             trainable_modules: tuple[str, ...]) -> tuple[int, int]:
+    @cache  # noqa: B019  (one counter a search: its cache lives as long as the search)
+    def cost(
+        self, targets: tuple[str, ...], layers: tuple[int, ...] | None, trainable_modules: tuple[str, ...]
+    ) -> tuple[int, int]:
         """``(fixed, per_rank)``: the trainable count at rank r is ``fixed + r * per_rank``,
         where ``per_rank`` sums ``in + out`` over the adapted layers and ``fixed`` counts the
         fully trained modules. Raises ``ValueError`` when the targets match nothing."""
@@ -86,13 +97,14 @@ class ParameterCounter:
 @dataclass
 class SearchSpace:
     """The choices left to search once the fixed flags and the budget have had their say."""
+
     base: TrainConfig
     searched: frozenset[str]
     counter: ParameterCounter
     max_params: int | None
-    targets: tuple[str, ...]    # keys of TARGETS that fit
-    layers: tuple[str, ...]     # LAYERS that fit
-    pooler: tuple[bool, ...]    # whether the pooler trains
+    targets: tuple[str, ...]  # keys of TARGETS that fit
+    layers: tuple[str, ...]  # LAYERS that fit
+    pooler: tuple[bool, ...]  # whether the pooler trains
 
     def max_rank(self, fixed: int, per_rank: int) -> int:
         """The largest rank (at most MAX_RANK) that keeps ``fixed + r * per_rank`` in the budget."""
@@ -101,17 +113,19 @@ class SearchSpace:
         return min(MAX_RANK, (self.max_params - fixed) // per_rank)
 
 
-def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter,
-                max_params: int | None) -> SearchSpace:
+def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter, max_params: int | None) -> SearchSpace:
     """The search space for ``base`` with the ``fixed`` fields held; choices of targets, layers
     and pooler that cannot fit the budget at the smallest rank are left out.
 
-    Raises ``UsageError`` when nothing is left to search or no configuration fits.
+    Raises ``SettingError`` when nothing is left to search or no configuration fits.
     """
     searched = frozenset(SEARCHABLE) - fixed - (set() if counter.has_pooler else {"trainable_modules"})
     if not searched:
-        raise UsageError("every searched setting is fixed by a train.py flag: nothing to search "
-                         f"(drop one of the flags for {', '.join(SEARCHABLE)})")
+        raise SettingError(
+            "every searched setting is fixed: nothing to search (leave one of "
+            f"{', '.join('{' + name + '}' for name in SEARCHABLE)} free)",
+            *SEARCHABLE,
+        )
     targets = list(TARGETS) if "target_modules" in searched else [None]
     layers = [c for c in LAYERS if layer_indices(c, counter.num_layers) != ()] if "layers" in searched else [None]
     pooler = [False, True] if "trainable_modules" in searched else [None]
@@ -127,26 +141,39 @@ def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter,
         if max_params is None or count <= max_params:
             fits.append(combination)
     if smallest is None:
-        raise UsageError(f"none of the searched target modules {sorted(TARGETS)} names a layer of "
-                         f"{base.model}; fix them with --target-modules")
+        raise SettingError(
+            f"none of the searched target modules {sorted(TARGETS)} names a layer of "
+            f"{base.model}; fix them with {{target_modules}}",
+            "target_modules",
+        )
     if not fits:
-        raise UsageError(f"no configuration fits --max-params {max_params:,}: the smallest has "
-                         f"{smallest:,} trainable parameters")
-    return SearchSpace(base, searched, counter, max_params,
-                       targets=tuple(dict.fromkeys(t for t, _, _ in fits)),
-                       layers=tuple(dict.fromkeys(l for _, l, _ in fits)),
-                       pooler=tuple(dict.fromkeys(p for _, _, p in fits)))
+        raise SettingError(
+            f"no configuration fits {{max_params}} {max_params:,}: the smallest has {smallest:,} trainable parameters",
+            "max_params",
+        )
+    return SearchSpace(
+        base,
+        searched,
+        counter,
+        max_params,
+        targets=tuple(dict.fromkeys(t for t, _, _ in fits)),
+        layers=tuple(dict.fromkeys(chosen for _, chosen, _ in fits)),
+        pooler=tuple(dict.fromkeys(p for _, _, p in fits)),
+    )
 
 
-def where_lora_goes(base: TrainConfig, counter: ParameterCounter, targets: str | None,
-                    layers: str | None, pooler: bool | None):
+def where_lora_goes(
+    base: TrainConfig, counter: ParameterCounter, targets: str | None, layers: str | None, pooler: bool | None
+):
     """``(target_modules, layers, trainable_modules)`` for a choice of each (None: fixed)."""
     trainable = base.trainable_modules
     if pooler is not None:
         trainable = tuple(m for m in trainable if m != "pooler") + (("pooler",) if pooler else ())
-    return (base.target_modules if targets is None else TARGETS[targets],
-            base.layers if layers is None else layer_indices(layers, counter.num_layers),
-            trainable)
+    return (
+        base.target_modules if targets is None else TARGETS[targets],
+        base.layers if layers is None else layer_indices(layers, counter.num_layers),
+        trainable,
+    )
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
@@ -166,8 +193,12 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
 
     # Where LoRA goes, then the largest rank the budget leaves for it.
     target_modules, layers, trainable_modules = where_lora_goes(
-        base, space.counter, choose("target_modules", "target_modules", space.targets),
-        choose("layers", "layers", space.layers), choose("trainable_modules", "train_pooler", space.pooler))
+        base,
+        space.counter,
+        choose("target_modules", "target_modules", space.targets),
+        choose("layers", "layers", space.layers),
+        choose("trainable_modules", "train_pooler", space.pooler),
+    )
     fixed, per_rank = space.counter.cost(target_modules, layers, trainable_modules)
     smallest = fixed + (1 if "r" in searched else base.r) * per_rank
     if space.max_params is not None and smallest > space.max_params:
@@ -177,11 +208,16 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
 
     # How it trains.
     config = dataclasses.replace(
-        base, target_modules=target_modules, layers=layers, trainable_modules=trainable_modules,
-        r=r, alpha=alpha,
+        base,
+        target_modules=target_modules,
+        layers=layers,
+        trainable_modules=trainable_modules,
+        r=r,
+        alpha=alpha,
         dropout=pick("dropout", lambda: trial.suggest_float("dropout", 0.0, 0.3)),
         lr=pick("lr", lambda: trial.suggest_float("lr", 5e-5, 5e-3, log=True)),
         weight_decay=pick("weight_decay", lambda: trial.suggest_float("weight_decay", 0.0, 0.1)),
         batch_size=pick("batch_size", lambda: trial.suggest_categorical("batch_size", BATCH_SIZES)),
-        grad_accum=pick("grad_accum", lambda: trial.suggest_categorical("grad_accum", GRAD_ACCUMS)))
+        grad_accum=pick("grad_accum", lambda: trial.suggest_categorical("grad_accum", GRAD_ACCUMS)),
+    )
     return config, fixed + r * per_rank

@@ -11,20 +11,32 @@ rank (same seed) with the *global* batch size ``batch_size * world_size``, and r
 the ``r``-th contiguous slice of each. A run on N processes therefore sees exactly the examples,
 in exactly the groups, of a one-process run with ``--batch-size`` N times larger. The loop calls
 this module; this module never calls the loop.
+
+Stopping a run without losing a step (``graceful_stop``): Ctrl-C (SIGINT) and SIGTERM.
+SIGTERM is what ``kill``, SLURM's ``scancel``, Kubernetes, spot-instance preemption and
+``torchrun`` (on its own SIGTERM, or a second Ctrl-C) send; the process then has a grace period
+(torchrun: 30 s) before SIGKILL. Both signals are handled alike: the first one only sets
+``requested`` (the loop checks it at the start of every step, agrees on it with every other rank,
+writes one checkpoint and stops); a second one stops at once, falling back to the last checkpoint.
 """
+
 import contextlib
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from ..config import InputError
 
 
 @dataclass(frozen=True)
 class World:
     """Where this process stands: ``rank`` of ``size`` processes, and the device it trains on."""
+
     rank: int = 0
     size: int = 1
     device: torch.device | None = None
@@ -60,8 +72,12 @@ def start(device: torch.device) -> World:
         # fails with "Connection refused". Each attempt therefore gets keys of its own.
         store, rank, size = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                store=dist.PrefixStore(f"lora/attempt-{attempt}", store), rank=rank, world_size=size)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            store=dist.PrefixStore(f"lora/attempt-{attempt}", store),
+            rank=rank,
+            world_size=size,
+        )
     return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
 
 
@@ -95,7 +111,7 @@ def shard(indices: list[int], world: World) -> list[int]:
     does not divide evenly; a rank may get none of a short last batch)."""
     per_rank, extra = divmod(len(indices), world.size)
     start = world.rank * per_rank + min(world.rank, extra)
-    return indices[start:start + per_rank + (world.rank < extra)]
+    return indices[start : start + per_rank + (world.rank < extra)]
 
 
 def gather(value, world: World) -> list:
@@ -128,7 +144,7 @@ def any_rank(flag: bool, world: World) -> bool:
 
 
 def from_main(world: World, compute):
-    """``compute()`` on rank 0 only, its result on every rank; a ``UsageError`` it raises is
+    """``compute()`` on rank 0 only, its result on every rank; an ``InputError`` it raises is
     raised on every rank (so that all stop, instead of the others waiting forever)."""
     if not world.distributed:
         return compute()
@@ -136,11 +152,11 @@ def from_main(world: World, compute):
     if world.is_main:
         try:
             outcome = ("value", compute())
-        except UsageError as error:
-            outcome = ("error", str(error))
+        except InputError as error:
+            outcome = ("error", error)
     kind, value = gather(outcome, world)[0]
     if kind == "error":
-        raise UsageError(value)
+        raise value
     return value
 
 
@@ -152,3 +168,42 @@ def quiet_unless_main(world: World):
         return
     with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere):
         yield
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class StopRequest:
+    """Set by the signal handler, read by the loop at step boundaries."""
+
+    requested: bool = False
+    signal_name: str | None = None
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """Within this block the first SIGINT or SIGTERM sets ``requested`` on the yielded
+    ``StopRequest``; a second raises ``KeyboardInterrupt`` at once. The previous handlers come
+    back on exit. Outside the main thread (Python delivers signals only there) nothing changes."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_signal(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested, stop.signal_name = True, signal.Signals(signum).name
+        print(
+            f"\n{stop.signal_name}: stopping after this step to save a checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+        )
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -1,17 +1,43 @@
-"""How the training step runs, not what it computes: two trades, both off by default.
+"""How the training step runs, not what it computes: the autocast precision, and two trades,
+both off by default.
 
-- ``--gradient-checkpointing``: memory for compute. Each encoder layer keeps only its input in
+- ``precision``: ``fp16`` (autocast + GradScaler; the default on CUDA), ``bf16`` or ``fp32``.
+- ``gradient_checkpointing``: memory for compute. Each encoder layer keeps only its input in
   the forward; backward runs the layer's forward again to get the rest.
-- ``--compile``: a one-time compile for faster steps (``torch.compile``).
+- ``compile``: a one-time compile for faster steps (``torch.compile``).
 
-Either way the loss and the gradients are those of the plain step, up to float rounding
-(``tests/test_execution.py``).
+Checkpointing and compiling leave the loss and the gradients those of the plain step, up to
+float rounding (``tests/test_execution.py``).
 """
+
+import contextlib
+
 import torch
 from torch import nn
 
 from . import distributed
 from .distributed import World
+
+
+def pick_precision(precision: str | None, device: torch.device) -> str:
+    """The autocast precision: the one asked for, else fp16 on CUDA and fp32 on CPU.
+
+    fp16 also runs on CPU (torch >= 2.3): slowly, but through exactly the autocast + GradScaler
+    code that CUDA runs, which is how the tests exercise it.
+    """
+    if precision is None:
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        print("note: fp16 on CPU is slow and meant for CUDA; it runs the same autocast + GradScaler path")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    """``torch.autocast`` for ``fp16`` / ``bf16``, nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def checkpoint_activations(model: nn.Module) -> None:

@@ -1,56 +1,37 @@
 """The Optuna study behind ``search.py``: its storage, the study itself, and the loop that trains
 one trial after another (each an ordinary ``train()`` run in ``<search-dir>/trial-<n>``).
 
-What is searched, and the exact trainable count of each configuration, is ``search_space.py``;
-the tables and plots at the end are ``search_report.py``; ``lora/cli/search.py`` parses flags.
+What is searched, and the exact trainable count of each configuration, is ``space.py``; the
+tables and plots at the end are ``report.py``; ``lora/cli/search.py`` parses flags.
 """
+
 import dataclasses
 import json
 import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
 
-from . import search_report
-from .config import PRECISION_FLAGS, TrainConfig, flag_for
-from .errors import UsageError
-from .search_space import OverBudget, SearchSpace, suggest
-from .training import train
+from ..config import SettingError
+from ..train import TrainConfig, train
+from . import report
+from .space import OverBudget, SearchSpace, suggest
 
 # Pruners compare trials at the same evaluation step. median: behind the median of the
 # completed trials (once 4 have completed); halving: outside the best third of the trials that
 # reached the first evaluation, then the third after three times as many steps, and so on.
 PRUNERS = {
     "median": lambda eval_steps: optuna.pruners.MedianPruner(n_startup_trials=4),
-    "halving": lambda eval_steps: optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps,
-                                                                         reduction_factor=3),
+    "halving": lambda eval_steps: optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps, reduction_factor=3),
     "none": lambda eval_steps: optuna.pruners.NopPruner(),
 }
 # Settings of a run that are not part of what a study searches, so may differ between workers.
 RUN_ONLY = ("output_dir", "resume", "overwrite", "device", "evaluate_test", "report_to")
-
-
-def command_line(config: TrainConfig) -> str:
-    """The train.py command that runs ``config`` (flags that differ from the defaults)."""
-    defaults, flags = TrainConfig(), []
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(config, field.name)
-        if field.name in RUN_ONLY or value == getattr(defaults, field.name):
-            continue
-        flag = flag_for(field.name)
-        if field.name == "precision":
-            flags.append(PRECISION_FLAGS[value])
-        elif isinstance(value, bool):
-            flags.append(flag)
-        elif isinstance(value, tuple):
-            flags.append(f"{flag} {' '.join(map(str, value))}")
-        else:
-            flags.append(f"{flag} {value}")
-    return " ".join(["python train.py", *flags])
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -61,15 +42,16 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=60, grace_period=180)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180
+                )
         except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as error:
             # Workers started together on a fresh database race to create its tables: the
             # losers see "already exists" or a duplicate key, and find the tables made next time.
             racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
             if not racing or attempt == 3:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise UsageError(f"--storage {url}: not a database Optuna can use ({reason})") from None
+                raise SettingError(f"{{storage}} {url}: not a database Optuna can use ({reason})", "storage") from None
             time.sleep(1 + attempt)
 
 
@@ -83,15 +65,28 @@ def open_study(storage, name: str, definition: dict, direction: str) -> optuna.S
         study.set_user_attr("search", definition)
     elif stored != definition:
         differences = sorted(k for k in stored.keys() | definition.keys() if stored.get(k) != definition.get(k))
-        raise UsageError(f"the storage holds a study {name!r} of a different search (it differs in "
-                         f"{', '.join(differences)}); use another --study-name, --storage or --search-dir")
+        raise SettingError(
+            f"the storage holds a study {name!r} of a different search (it differs in "
+            f"{', '.join(differences)}); use another {{study_name}}, {{storage}} or {{search_dir}}",
+            "study_name",
+            "storage",
+            "search_dir",
+        )
     return study
 
 
-def optimize(study: optuna.Study, space: SearchSpace, base: TrainConfig, directory: Path, trials: int) -> bool:
+def optimize(
+    study: optuna.Study,
+    space: SearchSpace,
+    base: TrainConfig,
+    directory: Path,
+    trials: int,
+    describe: Callable[[TrainConfig], str] = str,
+) -> bool:
     """Train trials until the study holds ``trials`` trained ones (every worker's count);
-    a configuration over the budget is pruned untrained. Returns True when Ctrl-C ended it
-    (Optuna has then marked the running trial failed)."""
+    a configuration over the budget is pruned untrained. ``describe(config)``: how a trial is
+    recorded for people to rerun it (``lora.cli.search``: its train.py command). Returns True
+    when Ctrl-C ended it (Optuna has then marked the running trial failed)."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
@@ -103,9 +98,14 @@ def optimize(study: optuna.Study, space: SearchSpace, base: TrainConfig, directo
             trial.set_user_attr("over_budget", True)
             raise optuna.TrialPruned(str(over)) from None
         trial.set_user_attr("trainable_parameters", trainable)
-        trial.set_user_attr("command", command_line(config))
-        config = dataclasses.replace(config, output_dir=str(directory / f"trial-{trial.number}"),
-                                     evaluate_test=False, resume=False, overwrite=False)
+        trial.set_user_attr("command", describe(config))
+        config = dataclasses.replace(
+            config,
+            output_dir=str(directory / f"trial-{trial.number}"),
+            evaluate_test=False,
+            resume=False,
+            overwrite=False,
+        )
         print(f"\n=== trial {trial.number}: {trainable:,} trainable parameters; {trial.params}")
 
         def report_evaluation(step: int, metrics: dict) -> None:
@@ -119,11 +119,11 @@ def optimize(study: optuna.Study, space: SearchSpace, base: TrainConfig, directo
         return summary["val"][base.metric]
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        print(search_report.trial_line(trial, base.metric))
-        if search_report.count_trained(study) >= trials:
+        print(report.trial_line(trial, base.metric))
+        if report.count_trained(study) >= trials:
             study.stop()
 
-    if search_report.count_trained(study) >= trials:
+    if report.count_trained(study) >= trials:
         return False
     try:
         study.optimize(objective, callbacks=[after_trial])

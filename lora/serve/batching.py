@@ -25,6 +25,7 @@ texts are dropped from the queue, never computed (unless their batch was already
 All model work (predictions and ``run_on_model_thread`` calls such as a reload) runs on one
 thread, one call at a time, in arrival order. Only asyncio and the standard library.
 """
+
 import asyncio
 import math
 import time
@@ -43,8 +44,10 @@ class Overloaded(Exception):
 
     def __init__(self, queued: int, asked: int, limit: int, retry_after_s: int):
         self.retry_after_s = retry_after_s
-        super().__init__(f"the server is at capacity: {queued} texts queued, {asked} more would pass the limit "
-                         f"of {limit}; retry in {retry_after_s} s")
+        super().__init__(
+            f"the server is at capacity: {queued} texts queued, {asked} more would pass the limit "
+            f"of {limit}; retry in {retry_after_s} s"
+        )
 
 
 class DeadlineExceeded(Exception):
@@ -67,12 +70,19 @@ class Batcher:
     An exception from it is retried request by request, so that one bad request fails alone.
     """
 
-    def __init__(self, predict: Callable[[list[str], list[str]], list], max_rows: int = DEFAULT_MAX_ROWS,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, max_queued_texts: int = DEFAULT_MAX_QUEUED_TEXTS,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
+    def __init__(
+        self,
+        predict: Callable[[list[str], list[str]], list],
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        max_queued_texts: int = DEFAULT_MAX_QUEUED_TEXTS,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    ):
         if max_rows < 1 or max_wait_s < 0 or max_queued_texts < 1 or not request_timeout_s > 0:
-            raise ValueError("max_rows and max_queued_texts must be >= 1, max_wait_s >= 0 and request_timeout_s "
-                             f"> 0, got {max_rows}, {max_queued_texts}, {max_wait_s}, {request_timeout_s}")
+            raise ValueError(
+                "max_rows and max_queued_texts must be >= 1, max_wait_s >= 0 and request_timeout_s "
+                f"> 0, got {max_rows}, {max_queued_texts}, {max_wait_s}, {request_timeout_s}"
+            )
         self.predict, self.max_rows, self.max_wait_s = predict, max_rows, max_wait_s
         self.max_queued_texts, self.request_timeout_s = max_queued_texts, request_timeout_s
         self.batches = 0  # forwards run so far, for /healthz and the load test
@@ -117,8 +127,10 @@ class Batcher:
         except asyncio.TimeoutError:
             self.expired += 1
             self._drop(request)
-            raise DeadlineExceeded(f"no answer within the request timeout of {self.request_timeout_s:g} s; "
-                                   "the texts were dropped from the queue") from None
+            raise DeadlineExceeded(
+                f"no answer within the request timeout of {self.request_timeout_s:g} s; "
+                "the texts were dropped from the queue"
+            ) from None
         except asyncio.CancelledError:  # the caller is gone (a client that disconnected)
             self._drop(request)
             raise
@@ -166,8 +178,9 @@ class Batcher:
         while rows < self.max_rows:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
-                item = self._queue.get_nowait() if remaining <= 0 else \
-                    await asyncio.wait_for(self._queue.get(), remaining)
+                item = (
+                    self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+                )
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 break
             if item is not None and item.expired:
@@ -201,7 +214,7 @@ class Batcher:
         start = 0
         for request in batch:
             self._release(request)
-            _settle(request.future, result=results[start:start + len(request.texts)])
+            _settle(request.future, result=results[start : start + len(request.texts)])
             start += len(request.texts)
 
     def _measure(self, texts: int, seconds: float) -> None:

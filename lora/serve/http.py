@@ -7,12 +7,13 @@
     GET  /healthz             {"status": "ok", ...}; never needs the API key
 
 Every error is a 4xx (or 500) with ``{"error": "one line"}``, and the server keeps serving. Under
-overload a request is refused at once with 429 and ``Retry-After`` (``--max-queued-texts``), and one
-not answered in time gets 504 (``--request-timeout``): see ``lora.batching``.
+overload a request is refused at once with 429 and ``Retry-After`` (``max_queued_texts``), and one
+not answered in time gets 504 (``request_timeout_s``): see ``lora.serve.batching``.
 With an API key (``LORA_API_KEY`` in the environment of ``lora-serve``) every route but
-``/healthz`` needs ``Authorization: Bearer KEY``. The model work lives in ``lora.multi_inference``
-(what is served) and ``lora.batching`` (when it runs).
+``/healthz`` needs ``Authorization: Bearer KEY``. The model work lives in ``lora.serve.adapters``
+(what is served) and ``lora.serve.batching`` (when it runs).
 """
+
 import asyncio
 import json
 import secrets
@@ -23,17 +24,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .batching import (DEFAULT_MAX_QUEUED_TEXTS, DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_S, DEFAULT_REQUEST_TIMEOUT_S,
-                       Batcher, DeadlineExceeded, Overloaded)
-from .errors import UsageError
-from .multi_inference import ADAPTER_NAME, AdapterDirectory
+from .adapters import ADAPTER_NAME, AdapterDirectory, UnknownAdapter
+from .batching import (
+    DEFAULT_MAX_QUEUED_TEXTS,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    Batcher,
+    DeadlineExceeded,
+    Overloaded,
+)
 
 API_KEY_VARIABLE = "LORA_API_KEY"
 
 
 @dataclass
 class ServerLimits:
-    """What one request may ask, and how requests are batched (see ``lora.batching``)."""
+    """What one request may ask, and how requests are batched (see ``lora.serve.batching``)."""
+
     max_texts: int = 256  # texts per request: four full batches
     max_body_bytes: int = 1_000_000  # 256 texts of ~4 KB each: far longer than any model input
     max_batch_rows: int = DEFAULT_MAX_ROWS
@@ -62,8 +70,13 @@ class RequestError(Exception):
 
 def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
     """The FastAPI app serving ``directory`` (its adapters set, reloads) within ``limits``."""
-    batcher = Batcher(_predictions(directory), limits.max_batch_rows, limits.max_wait_s, limits.max_queued_texts,
-                      limits.request_timeout_s)
+    batcher = Batcher(
+        _predictions(directory),
+        limits.max_batch_rows,
+        limits.max_wait_s,
+        limits.max_queued_texts,
+        limits.request_timeout_s,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,15 +92,14 @@ def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, error: Overloaded):
-        return JSONResponse({"error": str(error)}, status_code=429,
-                            headers={"Retry-After": str(error.retry_after_s)})
+        return JSONResponse({"error": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after_s)})
 
     @app.exception_handler(DeadlineExceeded)
     async def deadline_exceeded(request: Request, error: DeadlineExceeded):
         return JSONResponse({"error": str(error)}, status_code=504)
 
-    @app.exception_handler(UsageError)
-    async def adapter_gone(request: Request, error: UsageError):  # dropped by a reload meanwhile
+    @app.exception_handler(UnknownAdapter)
+    async def adapter_gone(request: Request, error: UnknownAdapter):  # dropped by a reload meanwhile
         return JSONResponse({"error": str(error)}, status_code=404)
 
     @app.exception_handler(Exception)
@@ -103,14 +115,19 @@ def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
         if limits.api_key and request.url.path != "/healthz":
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not secrets.compare_digest(given.encode(), limits.api_key.encode()):
-                return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY)"},
-                                    status_code=401)
+                return JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY)"}, status_code=401)
         return await call_next(request)
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "adapters": len(directory.adapter_set.adapters), "batches": batcher.batches,
-                "queued_texts": batcher.queued_texts, "refused": batcher.refused, "expired": batcher.expired}
+        return {
+            "status": "ok",
+            "adapters": len(directory.adapter_set.adapters),
+            "batches": batcher.batches,
+            "queued_texts": batcher.queued_texts,
+            "refused": batcher.refused,
+            "expired": batcher.expired,
+        }
 
     @app.get("/v1/adapters")
     async def adapters():
@@ -131,15 +148,21 @@ def create_app(directory: AdapterDirectory, limits: ServerLimits) -> FastAPI:
 
 def _predictions(directory: AdapterDirectory):
     """``predict(texts, adapters)`` for the batcher: one ``{"label", "probabilities"}`` per text."""
+
     def predict(texts: list[str], adapters: list[str]) -> list[dict]:
         adapter_set = directory.adapter_set
         rows = adapter_set.predict_proba(texts, adapters)
         answers = []
         for row, name in zip(rows, adapters):
             labels = adapter_set.adapters[name].labels
-            answers.append({"label": labels[int(row.argmax())],
-                            "probabilities": {label: float(p) for label, p in zip(labels, row)}})
+            answers.append(
+                {
+                    "label": labels[int(row.argmax())],
+                    "probabilities": {label: float(p) for label, p in zip(labels, row)},
+                }
+            )
         return answers
+
     return predict
 
 
@@ -147,10 +170,16 @@ def _adapter_listing(directory: AdapterDirectory) -> dict:
     served = directory.adapter_set.adapters
     return {
         "base_model": directory.adapter_set.base_model,
-        "adapters": [{"name": name, "labels": adapter.labels, "r": adapter.config["r"],
-                      "target_modules": adapter.config["target_modules"],
-                      "dora": adapter.config["dora"]}
-                     for name, adapter in sorted(served.items())],
+        "adapters": [
+            {
+                "name": name,
+                "labels": adapter.labels,
+                "r": adapter.config.lora.r,
+                "target_modules": list(adapter.config.lora.target_modules),
+                "dora": adapter.config.lora.dora,
+            }
+            for name, adapter in sorted(served.items())
+        ],
         "refused": [{"name": name, "reason": reason} for name, reason in sorted(directory.refused.items())],
     }
 
@@ -160,8 +189,11 @@ async def _read_json(request: Request, limit: int):
     the rest of the body was read and thrown away (within ``DISCARD_BYTES`` and
     ``DISCARD_SECONDS``; beyond them at once, closing the connection)."""
     declared = request.headers.get("content-length", "")
-    too_long = (f"request body of {declared} bytes is over the limit of {limit}" if declared.isdigit()
-                else f"request body is over the limit of {limit} bytes")
+    too_long = (
+        f"request body of {declared} bytes is over the limit of {limit}"
+        if declared.isdigit()
+        else f"request body is over the limit of {limit} bytes"
+    )
     if declared.isdigit() and int(declared) > DISCARD_BYTES:
         raise RequestError(413, too_long, {"Connection": "close"})
     body, received = bytearray(), 0
@@ -186,13 +218,17 @@ def _parse_classify(body, directory: AdapterDirectory, limits: ServerLimits) -> 
         raise RequestError(422, 'the body must be a JSON object {"adapter": NAME, "texts": [TEXT, ...]}')
     adapter, texts = body["adapter"], body["texts"]
     if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter):
-        raise RequestError(400, f"adapter must be the name of a sub-folder of the adapters directory "
-                                f"(letters, digits, '.', '_', '-'), got {json.dumps(adapter)[:80]}")
+        raise RequestError(
+            400,
+            f"adapter must be the name of a sub-folder of the adapters directory "
+            f"(letters, digits, '.', '_', '-'), got {json.dumps(adapter)[:80]}",
+        )
     if adapter in directory.refused:
         raise RequestError(409, f"adapter {adapter!r} is not served: {directory.refused[adapter]}")
     if adapter not in directory.adapter_set.adapters:
-        raise RequestError(404, f"unknown adapter {adapter!r}; served: "
-                                f"{', '.join(sorted(directory.adapter_set.adapters)) or 'none'}")
+        raise RequestError(
+            404, f"unknown adapter {adapter!r}; served: {', '.join(sorted(directory.adapter_set.adapters)) or 'none'}"
+        )
     if not isinstance(texts, list) or not texts:
         raise RequestError(422, "texts must be a non-empty list of strings")
     if len(texts) > limits.max_texts:
@@ -201,18 +237,3 @@ def _parse_classify(body, directory: AdapterDirectory, limits: ServerLimits) -> 
     if wrong is not None:
         raise RequestError(422, f"texts[{wrong}] is a {type(texts[wrong]).__name__}, not a string")
     return adapter, texts
-
-
-def check_limits(limits: ServerLimits) -> None:
-    """Raise ``UsageError`` for limits that cannot work."""
-    flags = {"max_texts": "--max-texts", "max_body_bytes": "--max-body-bytes", "max_batch_rows": "--max-batch"}
-    for name, flag in flags.items():
-        if getattr(limits, name) < 1:
-            raise UsageError(f"{flag} must be at least 1, got {getattr(limits, name)}")
-    if limits.max_wait_s < 0:
-        raise UsageError(f"--batch-wait-ms must be >= 0, got {limits.max_wait_s * 1000:g}")
-    if limits.max_queued_texts < limits.max_texts:
-        raise UsageError(f"--max-queued-texts ({limits.max_queued_texts}) must be at least --max-texts "
-                         f"({limits.max_texts}): a full request could never be admitted")
-    if not limits.request_timeout_s > 0:
-        raise UsageError(f"--request-timeout must be > 0 seconds, got {limits.request_timeout_s:g}")

@@ -10,6 +10,7 @@ to the text (``clean``, ``max_length``). Variants: rsLoRA and PiSSA adapters are
 on disk; DoRA works (``MultiLoRALinear``). Adapters trained on a quantized base are refused
 (``predict.py`` serves one of those at a time).
 """
+
 import os
 import re
 import threading
@@ -20,14 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME
-from .backbone import load_classifier_model, load_tokenizer
-from .data import clean_text, length_grouped_batches, pad_batch, tokenize
-from .errors import UsageError
-from .inference import read_adapter
+from ..adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, version_warning
+from ..classifier import load_classifier_model, load_tokenizer, pick_device, read_adapter
+from ..config import InputError, SettingError
+from ..data import clean_text, length_grouped_batches, pad_batch, tokenize
 from .multi import AdapterWeights, MultiAdapterModel
-from .provenance import version_warning
-from .device import pick_device
 
 # An adapter's name is its folder's name: one path component, never "." or "..", no separator,
 # nothing a URL or a shell would need to quote.
@@ -37,16 +35,21 @@ ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 BASE_HEAD_LABELS = ["LABEL_0", "LABEL_1"]
 
 
+class UnknownAdapter(InputError):
+    """A name that is not (or no longer) served."""
+
+
 @dataclass
 class Adapter:
     """One served adapter: its name, folder, config (``labels``, ``clean``, ``max_length``...)."""
+
     name: str
     directory: Path
-    config: dict
+    config: AdapterConfig
 
     @property
     def labels(self) -> list[str]:
-        return self.config["labels"]
+        return list(self.config.labels)
 
 
 def check_same_base(config: dict, base_model: str, directory: Path) -> None:
@@ -55,31 +58,36 @@ def check_same_base(config: dict, base_model: str, directory: Path) -> None:
     The one place that decides whether an adapter belongs to a base: a check of the base's
     weights themselves (a fingerprint in the config) belongs here too.
     """
-    if config["base_model"] != base_model:
-        raise UsageError(f"adapter {directory} was trained on base {config['base_model']!r}, "
-                         f"not on {base_model!r}, the base served here")
+    if config.base_model != base_model:
+        raise InputError(
+            f"adapter {directory} was trained on base {config.base_model!r}, "
+            f"not on {base_model!r}, the base served here"
+        )
 
 
 def read_served_adapter(name: str, directory: str | os.PathLike, base_model: str) -> tuple[Adapter, AdapterWeights]:
     """Read one adapter folder and check that it can be served on ``base_model``.
 
     Raises:
-        UsageError: a missing or unreadable adapter, one of another base, one trained on a
+        InputError: a missing or unreadable adapter, one of another base, one trained on a
         quantized base, or tensors that are not a LoRA adapter.
     """
     directory = Path(directory)
     state, config = read_adapter(directory)
     check_same_base(config, base_model, directory)
-    if config["quantize_base"] is not None:
-        raise UsageError(f"adapter {directory} was trained on a {config['quantize_base']} base; several "
-                         "adapters are served on a float base only (predict.py --adapter serves it alone)")
+    if config.quantize_base is not None:
+        raise InputError(
+            f"adapter {directory} was trained on a {config.quantize_base} base; several "
+            "adapters are served on a float base only (predict.py --adapter serves it alone)"
+        )
     if warning := version_warning(config):
         warnings.warn(f"{directory}: {warning}", stacklevel=3)
     try:
-        weights = AdapterWeights.from_state(state, config["r"], config["alpha"], config["rslora"],
-                                            config["trainable_modules"])
+        weights = AdapterWeights.from_state(
+            state, config.lora.r, config.lora.alpha, config.lora.rslora, config.lora.trainable_modules
+        )
     except ValueError as error:
-        raise UsageError(f"adapter {directory}: {error}") from None
+        raise InputError(f"adapter {directory}: {error}") from None
     return Adapter(name, directory, config), weights
 
 
@@ -104,7 +112,7 @@ class AdapterSet:
         """Serve exactly ``adapters`` from now on.
 
         Raises:
-            UsageError: an adapter that does not fit the base (other shapes, a module it lacks);
+            InputError: an adapter that does not fit the base (other shapes, a module it lacks);
             the set is then empty.
         """
         with self._lock:
@@ -112,7 +120,7 @@ class AdapterSet:
                 self.model.set_adapters([weights for _, weights in adapters])
             except ValueError as error:
                 self.adapters, self._index = {}, {}
-                raise UsageError(f"adapters do not fit base model {self.base_model!r}: {error}") from None
+                raise InputError(f"adapters do not fit base model {self.base_model!r}: {error}") from None
             self.adapters = {adapter.name: adapter for adapter, _ in adapters}
             self._index = {adapter.name: index for index, (adapter, _) in enumerate(adapters)}
 
@@ -124,20 +132,22 @@ class AdapterSet:
         and come back in input order.
 
         Raises:
-            UsageError: a name that is not served, or lists of different lengths.
+            InputError: a name that is not served, or lists of different lengths.
         """
         if len(texts) != len(adapters):
-            raise UsageError(f"{len(texts)} texts but {len(adapters)} adapter names")
+            raise InputError(f"{len(texts)} texts but {len(adapters)} adapter names")
         with self._lock:
             unknown = sorted(set(adapters) - self.adapters.keys())
             if unknown:
-                raise UsageError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; "
-                                 f"served: {', '.join(sorted(self.adapters)) or 'none'}")
+                raise UnknownAdapter(
+                    f"unknown adapter(s) {', '.join(map(repr, unknown))}; "
+                    f"served: {', '.join(sorted(self.adapters)) or 'none'}"
+                )
             token_ids = self._tokenize(texts, adapters)
             index = torch.tensor([self._index[name] for name in adapters], dtype=torch.long)
             logits = self._logits(token_ids, index, batch_size)
             probabilities = logits.softmax(dim=-1).numpy()  # -inf columns (other heads' labels) -> 0
-            return [row[:len(self.adapters[name].labels)] for row, name in zip(probabilities, adapters)]
+            return [row[: len(self.adapters[name].labels)] for row, name in zip(probabilities, adapters)]
 
     def classify(self, texts: list[str], adapters: list[str], batch_size: int = 64) -> list[str]:
         """The label name of each text under its own adapter, in input order."""
@@ -150,8 +160,8 @@ class AdapterSet:
         for name in set(adapters):
             config = self.adapters[name].config
             rows = [i for i, row_name in enumerate(adapters) if row_name == name]
-            group = [clean_text(texts[i]) if config["clean"] else texts[i] for i in rows]
-            for i, ids in zip(rows, tokenize(group, self.tokenizer, config["max_length"])):
+            group = [clean_text(texts[i]) if config.clean else texts[i] for i in rows]
+            for i, ids in zip(rows, tokenize(group, self.tokenizer, config.max_length)):
                 token_ids[i] = ids or [self.tokenizer.unk_token_id]  # an empty text still gets a row
         return token_ids
 
@@ -165,18 +175,19 @@ class AdapterSet:
             batch = pad_batch([token_ids[i] for i in rows], self.tokenizer.pad_token_id)
             out = self.model(index[rows], **{key: value.to(self.device) for key, value in batch.items()}).logits
             logits[rows] = torch.full((len(rows), width), float("-inf"))
-            logits[rows, :out.shape[1]] = out.float().cpu()
+            logits[rows, : out.shape[1]] = out.float().cpu()
         return logits
 
 
-def load_adapters(directories: dict[str, str | os.PathLike] | list[str | os.PathLike],
-                  device: str = "auto") -> AdapterSet:
+def load_adapters(
+    directories: dict[str, str | os.PathLike] | list[str | os.PathLike], device: str = "auto"
+) -> AdapterSet:
     """An ``AdapterSet`` serving every adapter folder in ``directories`` on their one base.
 
     ``directories``: ``{name: folder}``, or folders (named by their last path component).
 
     Raises:
-        UsageError: no folders, two with one name, or any folder ``read_served_adapter``
+        InputError: no folders, two with one name, or any folder ``read_served_adapter``
         refuses (one of another base than the first's, say).
     """
     if not isinstance(directories, dict):
@@ -184,13 +195,12 @@ def load_adapters(directories: dict[str, str | os.PathLike] | list[str | os.Path
         names = [path.resolve().name for path in paths]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise UsageError(f"two adapter folders are named {', '.join(duplicates)}; "
-                             "name them apart (NAME=FOLDER)")
+            raise InputError(f"two adapter folders are named {', '.join(duplicates)}; name them apart (NAME=FOLDER)")
         directories = dict(zip(names, paths))
     if not directories:
-        raise UsageError("no adapter folders given")
+        raise InputError("no adapter folders given")
     first = next(iter(directories.values()))
-    base_model = read_adapter(Path(first))[1]["base_model"]
+    base_model = read_adapter(Path(first))[1].base_model
     loaded = [read_served_adapter(name, directory, base_model) for name, directory in directories.items()]
     adapter_set = AdapterSet(base_model, device)
     adapter_set.set_adapters(loaded)
@@ -211,8 +221,9 @@ def adapter_folders(root: str | os.PathLike) -> tuple[dict[str, Path], dict[str,
         if not (entry / WEIGHTS_NAME).is_file() or not (entry / CONFIG_NAME).is_file():
             continue
         if not ADAPTER_NAME.fullmatch(entry.name):
-            refused[entry.name] = (f"adapter folder name {entry.name!r} is not served: use letters, digits, "
-                                   "'.', '_' and '-' only")
+            refused[entry.name] = (
+                f"adapter folder name {entry.name!r} is not served: use letters, digits, '.', '_' and '-' only"
+            )
             continue
         if not entry.resolve().is_relative_to(root):
             refused[entry.name] = f"adapter folder {entry} lies outside the adapters directory {root}"
@@ -228,19 +239,22 @@ class AdapterDirectory:
     changed ones read anew; a sub-folder that cannot be served is listed in ``refused``.
 
     Raises (on construction):
-        UsageError: no such folder, or neither an adapter in it nor ``base_model``.
+        InputError: no such folder, or neither an adapter in it nor ``base_model``.
     """
 
     def __init__(self, root: str | os.PathLike, base_model: str | None = None, device: str = "auto"):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise UsageError(f"adapters directory {self.root} does not exist")
+            raise InputError(f"adapters directory {self.root} does not exist")
         if base_model is None:
             found, _ = adapter_folders(self.root)
             if not found:
-                raise UsageError(f"no adapter in the sub-folders of {self.root}; "
-                                 "put one there or name the base model with --base")
-            base_model = read_adapter(next(iter(found.values())))[1]["base_model"]
+                raise SettingError(
+                    f"no adapter in the sub-folders of {self.root}; "
+                    "put one there or name the base model with {base_model}",
+                    "base_model",
+                )
+            base_model = read_adapter(next(iter(found.values())))[1].base_model
         self.adapter_set = AdapterSet(base_model, device)
         self.refused: dict[str, str] = {}
         self.reload()
@@ -253,20 +267,19 @@ class AdapterDirectory:
         for name, directory in found.items():
             try:
                 loaded.append(read_served_adapter(name, directory, self.adapter_set.base_model))
-            except UsageError as error:
+            except InputError as error:
                 refused[name] = str(error)
         try:
             self.adapter_set.set_adapters(loaded)
-        except UsageError:  # one of them does not fit the base: find it, serve the rest
+        except InputError:  # one of them does not fit the base: find it, serve the rest
             fitting = []
             for adapter in loaded:
                 try:
                     self.adapter_set.set_adapters([*fitting, adapter])
                     fitting.append(adapter)
-                except UsageError as error:
+                except InputError as error:
                     refused[adapter[0].name] = str(error)
             self.adapter_set.set_adapters(fitting)
         self.refused = refused
         served = set(self.adapter_set.adapters)
-        return {"added": sorted(served - before), "removed": sorted(before - served),
-                "refused": sorted(refused)}
+        return {"added": sorted(served - before), "removed": sorted(before - served), "refused": sorted(refused)}

@@ -2,17 +2,15 @@
 
 Everything is read back from the study, so any worker (or a later look) writes the same files.
 """
+
 import json
 import statistics
 import warnings
 from pathlib import Path
 
-import matplotlib
 import optuna
 import pandas as pd
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+from matplotlib.figure import Figure
 
 State = optuna.trial.TrialState
 
@@ -50,11 +48,20 @@ def trial_line(trial: optuna.trial.FrozenTrial, metric: str) -> str:
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial: state, value, trainable count, steps, seconds, worker, parameters, command."""
-    rows = [{"trial": t.number, "state": outcome(t), "value": t.value,
-             "trainable_parameters": t.user_attrs.get("trainable_parameters"),
-             "steps": t.user_attrs.get("steps", 0), "seconds": seconds(t),
-             "worker": t.user_attrs.get("worker"), **t.params, "command": t.user_attrs.get("command")}
-            for t in study.get_trials(deepcopy=False)]
+    rows = [
+        {
+            "trial": t.number,
+            "state": outcome(t),
+            "value": t.value,
+            "trainable_parameters": t.user_attrs.get("trainable_parameters"),
+            "steps": t.user_attrs.get("steps", 0),
+            "seconds": seconds(t),
+            "worker": t.user_attrs.get("worker"),
+            **t.params,
+            "command": t.user_attrs.get("command"),
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -70,22 +77,31 @@ def pruning_savings(table: pd.DataFrame) -> str:
     full_seconds = statistics.median(complete.seconds)
     spent = table[table.state.isin(["complete", "pruned"])].seconds.sum()
     saved_seconds = max(0.0, float((full_seconds - pruned.seconds).sum()))
-    return (f"pruning: {len(pruned)} trials stopped after {pruned.steps.mean():.0f} of {full_steps} steps "
-            f"on average: {saved_steps:,} of {planned:,} steps not run ({100 * saved_steps / planned:.0f}%); "
-            f"about {saved_seconds / 60:.1f} min saved on {spent / 60:.1f} min of trials "
-            f"(a full trial: median {full_seconds:.0f} s)")
+    return (
+        f"pruning: {len(pruned)} trials stopped after {pruned.steps.mean():.0f} of {full_steps} steps "
+        f"on average: {saved_steps:,} of {planned:,} steps not run ({100 * saved_steps / planned:.0f}%); "
+        f"about {saved_seconds / 60:.1f} min saved on {spent / 60:.1f} min of trials "
+        f"(a full trial: median {full_seconds:.0f} s)"
+    )
 
 
-def plot_accuracy_vs_parameters(table: pd.DataFrame, max_params: int | None, metric: str, path: Path,
-                                last_values: dict[int, float]) -> None:
+def plot_accuracy_vs_parameters(
+    table: pd.DataFrame, max_params: int | None, metric: str, path: Path, last_values: dict[int, float]
+) -> None:
     """Validation metric against trainable parameters: completed trials, pruned ones at their
     last evaluation, and the budget line."""
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5), layout="tight")
+    axes = figure.subplots()
     complete = table[table.state == "complete"]
     axes.scatter(complete.trainable_parameters, complete.value, label="complete", zorder=3)
     pruned = table[table.trial.isin(last_values.keys())]
-    axes.scatter(pruned.trainable_parameters, [last_values[n] for n in pruned.trial], facecolors="none",
-                 edgecolors="grey", label="pruned (last evaluation)")
+    axes.scatter(
+        pruned.trainable_parameters,
+        [last_values[n] for n in pruned.trial],
+        facecolors="none",
+        edgecolors="grey",
+        label="pruned (last evaluation)",
+    )
     if max_params is not None:
         axes.axvline(max_params, color="red", linestyle="--", label=f"budget {max_params:,}")
     axes.set_xscale("log")
@@ -93,14 +109,15 @@ def plot_accuracy_vs_parameters(table: pd.DataFrame, max_params: int | None, met
     axes.set_ylabel(f"validation {metric}")
     axes.legend()
     axes.grid(alpha=0.3)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def save_optuna_plot(plot, path: Path, **kwargs) -> bool:
     """Draw one of optuna.visualization.matplotlib's plots into ``path``; False when the study
-    cannot make it yet (importances need two completed trials with varied parameters)."""
+    cannot make it yet (importances need two completed trials with varied parameters). Optuna
+    draws with pyplot: the figure is closed again, so that nothing shows up in a notebook."""
+    import matplotlib.pyplot as plt
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "experimental" notices
@@ -120,45 +137,82 @@ def write_results(study: optuna.Study, directory: Path, metric: str, max_params:
     table.to_csv(directory / "trials.csv", index=False)
     counts = table.state.value_counts()
     spent = table[table.state.isin(["complete", "pruned"])].seconds.sum()
-    lines = [f"search {directory}: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
-             f"{counts.get('over budget', 0)} over the budget (not trained), {counts.get('failed', 0)} failed, "
-             f"{counts.get('running', 0)} running; {spent / 60:.1f} min of trials"]
+    lines = [
+        f"search {directory}: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+        f"{counts.get('over budget', 0)} over the budget (not trained), {counts.get('failed', 0)} failed, "
+        f"{counts.get('running', 0)} running; {spent / 60:.1f} min of trials"
+    ]
     complete = table[table.state == "complete"]
     if complete.empty:
         return "\n".join(lines + ["no completed trial yet"])
 
     best = study.best_trial
     budget = "no budget" if max_params is None else f"budget {max_params:,}"
-    result = {"metric": metric, "value": best.value, "trial": best.number,
-              "trainable_parameters": best.user_attrs["trainable_parameters"], "max_params": max_params,
-              "params": best.params, "adapter": str(directory / f"trial-{best.number}"),
-              "command": best.user_attrs["command"]}
+    result = {
+        "metric": metric,
+        "value": best.value,
+        "trial": best.number,
+        "trainable_parameters": best.user_attrs["trainable_parameters"],
+        "max_params": max_params,
+        "params": best.params,
+        "adapter": str(directory / f"trial-{best.number}"),
+        "command": best.user_attrs["command"],
+    }
     (directory / "best.json").write_text(json.dumps(result, indent=2) + "\n")
 
     plots = ["trials.csv", "best.json"]
-    last_values = {t.number: max(t.intermediate_values.items())[1] for t in study.get_trials(deepcopy=False)
-                   if outcome(t) == "pruned" and t.intermediate_values}
+    last_values = {
+        t.number: max(t.intermediate_values.items())[1]
+        for t in study.get_trials(deepcopy=False)
+        if outcome(t) == "pruned" and t.intermediate_values
+    }
     plot_accuracy_vs_parameters(table, max_params, metric, directory / "accuracy_vs_parameters.png", last_values)
     plots.append("accuracy_vs_parameters.png")
     matplotlib_plots = optuna.visualization.matplotlib
-    if save_optuna_plot(matplotlib_plots.plot_optimization_history, directory / "history.png",
-                        study=study, target_name=f"validation {metric}"):
+    if save_optuna_plot(
+        matplotlib_plots.plot_optimization_history,
+        directory / "history.png",
+        study=study,
+        target_name=f"validation {metric}",
+    ):
         plots.append("history.png")
-    if save_optuna_plot(matplotlib_plots.plot_param_importances, directory / "importances.png", study=study,
-                        evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-                        target_name=f"validation {metric}"):
+    if save_optuna_plot(
+        matplotlib_plots.plot_param_importances,
+        directory / "importances.png",
+        study=study,
+        evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+        target_name=f"validation {metric}",
+    ):
         plots.append("importances.png")
 
     ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
     top = complete.sort_values("value", ascending=ascending).head(5)
-    shown = [c for c in ("trial", "value", "trainable_parameters", "seconds", "target_modules", "layers",
-                         "train_pooler", "r", "alpha_over_r", "lr", "batch_size", "grad_accum") if c in top]
-    lines += [f"best: trial {best.number}, validation {metric} {best.value:.4f}, "
-              f"{result['trainable_parameters']:,} trainable parameters ({budget})",
-              "  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()),
-              f"top {len(top)} by validation {metric}:",
-              top[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"),
-              pruning_savings(table),
-              f"retrain it (and test it once): {result['command']}",
-              f"written to {directory}: {', '.join(plots)}"]
+    shown = [
+        c
+        for c in (
+            "trial",
+            "value",
+            "trainable_parameters",
+            "seconds",
+            "target_modules",
+            "layers",
+            "train_pooler",
+            "r",
+            "alpha_over_r",
+            "lr",
+            "batch_size",
+            "grad_accum",
+        )
+        if c in top
+    ]
+    lines += [
+        f"best: trial {best.number}, validation {metric} {best.value:.4f}, "
+        f"{result['trainable_parameters']:,} trainable parameters ({budget})",
+        "  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()),
+        f"top {len(top)} by validation {metric}:",
+        top[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        pruning_savings(table),
+        f"retrain it (and test it once): {result['command']}",
+        f"written to {directory}: {', '.join(plots)}",
+    ]
     return "\n".join(lines)
