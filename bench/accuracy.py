@@ -37,9 +37,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from bench import common
 from lora import count_parameters, inject_lora, lora_layers
-from lora.classifier import batched_logits, load_classifier_model, load_tokenizer
+from lora.classifier import batched_logits, classification_metrics, load_classifier_model, load_tokenizer
 from lora.data import length_grouped_batches, load_splits, pad_batch, tokenize
-from lora.train.evaluation import classification_metrics
 from lora.train.execution import autocast_context
 from lora.train.loop import TrainConfig, accumulate_gradients, adamw
 

@@ -35,7 +35,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 TARGET_MODULES = ("query", "value")
-LORA_DROPOUT = 0.0
 MIB = 2**20
 # Random-weight RoBERTa shapes (timing needs no pretrained weights); roberta-tiny is for --quick.
 ROBERTA_SHAPES = {
@@ -125,6 +124,7 @@ class Setup:
     quantize: str | None = None  # "int8", "nf4", "nf4+dq"
     checkpointing: bool = False  # --gradient-checkpointing
     compiled: bool = False  # --compile: torch.compile; its first step pays for the compile
+    dropout: float = 0.0  # on the LoRA input (ours, peft)
 
 
 def build_base_model(name: str) -> nn.Module:
@@ -147,7 +147,12 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
     model = build_base_model(setup.model) if base is None else copy.deepcopy(base)
     if setup.variant == "ours":
         inject_lora(
-            model, TARGET_MODULES, r=setup.r, alpha=setup.alpha, dropout=LORA_DROPOUT, trainable_modules=("classifier",)
+            model,
+            TARGET_MODULES,
+            r=setup.r,
+            alpha=setup.alpha,
+            dropout=setup.dropout,
+            trainable_modules=("classifier",),
         )
         if setup.quantize is not None:
             scheme, _, double_quant = setup.quantize.partition("+")
@@ -159,7 +164,7 @@ def build(setup: Setup, base: nn.Module | None = None) -> nn.Module:
             r=setup.r,
             lora_alpha=setup.alpha,
             target_modules=list(TARGET_MODULES),
-            lora_dropout=LORA_DROPOUT,
+            lora_dropout=setup.dropout,
             modules_to_save=["classifier"],
             task_type=TaskType.SEQ_CLS,
         )

@@ -2,6 +2,7 @@
 
     python -m bench.speed [--device auto|cpu|cuda] [--quick] [--repeats N] [--warmup N]
     python -m bench.speed --execution [--quick] [--repeats N]    # part 3 alone (its own section)
+    python -m bench.speed --floor [--quick] [--repeats N]        # part 4 alone (its own section)
 
 1a. Seconds per training step at one padded batch (16 x 128): ours, peft, full fine-tuning,
     on a random-weight roberta-base shape and on MiniLM. Targets: ours/peft <= 1.00,
@@ -23,6 +24,10 @@ LoRA everywhere: r=10, alpha=64, dropout 0, on query and value, classifier head 
     compiled <= 0.90 x peft eager. The checkpointing's memory saving: ``bench.quantize``. For a
     cold compile's cost, run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` (else inductor's
     on-disk cache from an earlier run makes it look cheap).
+4.  With ``--floor`` (its own section): the training step of ours and peft against its floor,
+    the frozen base's forward and the backward through every layer to the embeddings with no
+    adapter (roberta-base width, 4 layers, 16 x 128, LoRA r=10 with dropout 0.1 on query and
+    value), interleaved. Target: our overhead over the floor <= 3% and below peft's.
 """
 
 import dataclasses
@@ -64,6 +69,9 @@ EXECUTION_MODES = {
     "compiled + checkpointed": dict(compiled=True, checkpointing=True),
 }
 TARGET_COMPILED_VS_PEFT = 0.90  # ours compiled / peft eager
+# Part 4: the floor.
+FLOOR_LAYERS, FLOOR_SHAPE, FLOOR_DROPOUT = 4, (16, 128), 0.1
+TARGET_OVER_FLOOR = 0.03  # ours / floor - 1
 
 
 def training_step_part(models, shape, args) -> str:
@@ -394,6 +402,71 @@ def execution_part(models, shape, args) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- part 4: the floor
+def floor_step(shape: tuple[int, int], device: torch.device):
+    """The work no LoRA can skip: the frozen base's forward and the backward through every layer
+    down to the embeddings' output (which is made to require a gradient), no adapter, no
+    parameter gradient, no optimizer step."""
+    model = build_floor_model().to(device).train()
+    model.requires_grad_(False)
+    model.roberta.embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+    batch = common.make_batch(model, *shape, device)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+
+    return step
+
+
+def build_floor_model():
+    """roberta-base's width with 4 layers (random weights, seeded)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(
+        RobertaConfig(num_labels=4, num_hidden_layers=FLOOR_LAYERS, max_position_embeddings=514, type_vocab_size=1)
+    )
+    model.config.problem_type = "single_label_classification"
+    return model
+
+
+def floor_part(shape, args) -> str:
+    """4: ours and peft against the floor: what LoRA itself costs a step, interleaved rounds."""
+    base = build_floor_model()
+    setups = {
+        variant: Setup("roberta-base", variant, *shape, r=10, alpha=64.0, dropout=FLOOR_DROPOUT)
+        for variant in ("ours", "peft")
+    }
+    steps = common.build_training_steps(setups, args.device, base)
+    steps["floor"] = floor_step(shape, args.device)
+    times = common.interleaved_times(steps, args.device, args.repeats, args.warmup)
+    seconds = common.medians(times)
+    ours, peft = (common.paired_ratio(times, variant, "floor") for variant in ("ours", "peft"))
+    verdict = "PASS" if ours - 1 <= TARGET_OVER_FLOOR and ours < peft else "MISS"
+    return (
+        f"### 4. The training step against its floor, roberta-base width, {FLOOR_LAYERS} layers, "
+        f"batch {shape[0]} x {shape[1]}\n\n"
+        "*floor*: the frozen base's forward and the backward through every layer to the embeddings, "
+        "no adapter (what no LoRA implementation can skip); *ours*, *peft*: LoRA r=10, alpha=64, "
+        f"dropout {FLOOR_DROPOUT} on query and value, the head trained, AdamW. Seconds per step.\n\n"
+        + markdown_table(
+            ["floor s", "ours s", "peft s", "ours / floor", "peft / floor", "ours / peft"],
+            [
+                [
+                    f"{seconds['floor']:.3f}",
+                    f"{seconds['ours']:.3f}",
+                    f"{seconds['peft']:.3f}",
+                    paired_ratio_cell(times, "ours", "floor"),
+                    paired_ratio_cell(times, "peft", "floor"),
+                    paired_ratio_cell(times, "ours", "peft"),
+                ]
+            ],
+        )
+        + f"\n\n- Goal: our overhead over the floor at most {100 * TARGET_OVER_FLOOR:.0f}% and below peft's: "
+        f"ours {100 * (ours - 1):.1f}%, peft {100 * (peft - 1):.1f}%: **{verdict}**"
+    )
+
+
 def main(argv=None) -> None:
     parser = common.make_parser(__doc__.splitlines()[0], repeats=5)
     parser.add_argument(
@@ -401,10 +474,25 @@ def main(argv=None) -> None:
         action="store_true",
         help="part 3 only: compiled and checkpointed steps, ours and peft (its own section)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="part 4 only: ours and peft against the frozen base's forward and backward (its own section)",
+    )
     args = common.parse_args(parser, argv)
     started, load_at_start = time.perf_counter(), common.load_average()
     models = ("roberta-tiny" if args.quick else "roberta-base", "minilm")
     train_shape, inference_shape = ((4, 32), (4, 32)) if args.quick else ((16, 128), (32, 128))
+    if args.floor:
+        common.report(
+            args,
+            "bench/speed.py --floor",
+            "bench/speed.py --floor: the LoRA step against the frozen base's own forward and backward",
+            "\n\n".join(
+                [floor_part((4, 32) if args.quick else FLOOR_SHAPE, args), common.run_summary(started, load_at_start)]
+            ),
+        )
+        return
     if args.execution:
         common.report(
             args,

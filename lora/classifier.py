@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -231,6 +232,17 @@ def in_length_order(forward, token_ids: list[list[int]], batch_size: int, pad_id
 
 
 # ----------------------------------------------------------------------------- a trained classifier
+def classification_metrics(labels, predictions) -> dict:
+    """Accuracy and macro precision / recall / F1 (scikit-learn)."""
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+    }
+
+
 @dataclass
 class Classifier:
     """A base model with a trained adapter applied (merged into its weights when that changes

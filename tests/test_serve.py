@@ -4,6 +4,7 @@ offline predictions; every bad input gets its 4xx JSON error and the next good r
 answered; reload; graceful shutdown. The batcher alone is tested in-process."""
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -33,7 +34,13 @@ API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STARTUP_SECONDS = 120  # importing torch, transformers and FastAPI on a loaded 2-core machine
 REQUEST_SECONDS = 30
-ADAPTERS = {"two": ["no", "yes"], "four": LABELS, "five": ["a", "b", "c", "d", "e"], "four_dora": LABELS}
+ADAPTERS = {
+    "two": ["no", "yes"],
+    "four": LABELS,
+    "five": ["a", "b", "c", "d", "e"],
+    "four_dora": LABELS,
+    "four_onnx": LABELS,
+}
 TEXTS = [
     "Team wins the cup after a late goal",
     "",
@@ -91,13 +98,20 @@ def running_server(adapters_dir: Path, log: Path, *flags: str):
 
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_model_dir, trained_runs, tmp_path_factory):
-    """Three adapters: ``four`` and ``four_dora`` as train.py wrote them (AG News' labels; LoRA and
-    DoRA on a float base), ``two`` and ``five`` hand-made (train.py writes four labels only);
-    ``quantized``, a train.py run on an nf4 base (served alone by predict.py, refused here); one
-    of another base, and a link to an adapter outside the folder."""
+    """Five adapters: ``four`` and ``four_dora`` as train.py wrote them (AG News' labels; LoRA and
+    DoRA on a float base), ``four_onnx`` the LoRA run exported by ``lora-export --format onnx``,
+    ``two`` and ``five`` hand-made (train.py writes four labels only); ``quantized``, a train.py run
+    on an nf4 base (served alone by predict.py, refused here); one of another base, and a link to
+    an adapter outside the folder."""
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(trained_runs["lora"], root / "four")
     shutil.copytree(trained_runs["dora"], root / "four_dora")
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        from lora.cli.export import main as export_main
+
+        export_main([str(trained_runs["lora"]), str(root / "four_onnx"), "--format", "onnx"])  # run by ONNX Runtime
+    else:  # without the onnx extra: the same adapter, served as LoRA
+        shutil.copytree(trained_runs["lora"], root / "four_onnx")
     shutil.copytree(trained_runs["nf4"], root / "quantized")
     random_adapter(tiny_model_dir, root / "two", labels=ADAPTERS["two"], r=2, seed=0)
     random_adapter(
@@ -113,8 +127,17 @@ def adapters_dir(tiny_model_dir, trained_runs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(adapters_dir):
-    """Each adapter's probabilities for TEXTS, loaded alone and merged (what predict.py gives)."""
-    return {name: load_classifier(adapters_dir / name, device="cpu").predict_proba(TEXTS) for name in ADAPTERS}
+    """Each adapter's probabilities for TEXTS, loaded alone and merged (what predict.py gives; an
+    ONNX export through ONNX Runtime)."""
+
+    def alone(folder):
+        if (folder / "onnx_config.json").is_file():
+            from lora.serve.onnx import load_onnx_classifier
+
+            return load_onnx_classifier(folder)
+        return load_classifier(folder, device="cpu")
+
+    return {name: alone(adapters_dir / name).predict_proba(TEXTS) for name in ADAPTERS}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +169,7 @@ def check_answer(response, name, rows, offline) -> None:
 
 @pytest.mark.timeout(300)
 def test_concurrent_requests_for_several_adapters_each_get_their_own_answers(server, offline):
-    jobs = [(list(ADAPTERS)[i % 4], [(i + k) % len(TEXTS) for k in range(1 + i % 4)]) for i in range(40)]
+    jobs = [(list(ADAPTERS)[i % len(ADAPTERS)], [(i + k) % len(TEXTS) for k in range(1 + i % 4)]) for i in range(40)]
     before = httpx.get(f"{server}/healthz", timeout=REQUEST_SECONDS).json()["batches"]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda job: classify(server, job[0], [TEXTS[r] for r in job[1]]), jobs))
@@ -169,7 +192,7 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
         "unknown adapter": (
             lambda: classify(server, "nine", ["goal"]),
             404,
-            "unknown adapter 'nine'; served: five, four, four_dora, two",
+            "unknown adapter 'nine'; served: five, four, four_dora, four_onnx, two",
         ),
         "empty texts": (lambda: classify(server, "two", []), 422, "texts must be a non-empty list of strings"),
         "texts not a list": (lambda: classify(server, "two", "goal"), 422, "texts must be a non-empty list"),
@@ -217,14 +240,17 @@ def test_every_bad_input_gets_a_json_4xx_and_the_next_good_request_is_answered(s
 @pytest.mark.timeout(300)
 def test_listing_and_reload_pick_up_new_folders_and_drop_removed_ones(server, adapters_dir, offline):
     listing = httpx.get(f"{server}/v1/adapters", headers=AUTH, timeout=REQUEST_SECONDS).json()
-    assert [adapter["name"] for adapter in listing["adapters"]] == ["five", "four", "four_dora", "two"]
+    assert [adapter["name"] for adapter in listing["adapters"]] == ["five", "four", "four_dora", "four_onnx", "two"]
     assert listing["adapters"][2] == {
         "name": "four_dora",
         "labels": LABELS,
         "r": 4,
         "target_modules": ["query", "value"],
         "dora": True,
+        "runs_as": "lora",
     }
+    onnx = importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript")
+    assert listing["adapters"][3]["runs_as"] == ("onnx" if onnx else "lora")
     assert [refused["name"] for refused in listing["refused"]] == ["linked", "other_base", "quantized"]
     assert "trained on a nf4 base" in listing["refused"][2]["reason"]
 

@@ -6,6 +6,9 @@
     python predict.py --input headlines.txt --probs --output headlines.csv
     python predict.py --adapter news=runs/a spam=runs/b --input mixed.csv   # its 'adapter' column names one per row
 
+The adapter folder may be a run folder of train.py, a peft LoRA folder, or an ONNX export of
+lora-export --format onnx (run by ONNX Runtime, with the same tokenizer, cleaning and outputs).
+
 The CSV is the Kaggle layout: ID (row number) and Label (class index), one row per input row,
 in input order; --probs adds the label name and one probability column per label. With several
 adapters (all on one base: lora/serve/adapters.py) every row runs through the adapter its
@@ -22,11 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora.classifier import load_classifier
+from lora.classifier import classification_metrics, load_classifier
 from lora.cli import UsageError, latest_run, run_command, save_predictions
 from lora.data import encode_labels, read_table
 from lora.serve.adapters import load_adapters
-from lora.train.evaluation import classification_metrics
 
 DEFAULT_INPUT = Path("test_unlabelled.pkl")  # the Kaggle competition's unlabelled test set
 CHECK_ROWS = 16  # the merge is checked on this many input texts
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--adapter",
         nargs="+",
         help="run folder with adapter.safetensors and adapter_config.json, "
-        "or a peft LoRA folder of a sequence classifier (default: the "
+        "a peft LoRA folder of a sequence classifier, or an ONNX export (default: the "
         "newest run folder under runs/); several folders, each FOLDER "
         "or NAME=FOLDER, classify each row with the adapter its "
         "--adapter-column names",
@@ -104,6 +106,17 @@ def read_inputs(args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
     return frame, source
 
 
+def load_any_classifier(folder: Path, args: argparse.Namespace, check_texts: list[str]):
+    """The classifier in ``folder``, whatever kind of folder its files say it is: an ONNX export
+    (``lora-export --format onnx``: ONNX Runtime), else an adapter of ours or peft's (PyTorch,
+    merged and checked on ``check_texts``); anything else is a one-line error."""
+    from lora.serve.onnx import is_onnx_export, load_onnx_classifier
+
+    if is_onnx_export(folder):
+        return load_onnx_classifier(folder, base_model=args.base, force=args.force)
+    return load_classifier(folder, args.device, not args.no_merge, check_texts, args.base, args.force)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
 
@@ -115,14 +128,7 @@ def main(argv=None) -> None:
         predict_several(args, frame, source)
         return
     texts = frame["text"].tolist()
-    classifier = load_classifier(
-        adapter_dir,
-        args.device,
-        merge=not args.no_merge,
-        check_texts=texts[:CHECK_ROWS],
-        base_model=args.base,
-        force=args.force,
-    )
+    classifier = load_any_classifier(adapter_dir, args, texts[:CHECK_ROWS])
     labels = classifier.labels
     truth = encode_labels(frame, labels, source)["label"] if "label" in frame.columns else None
     print(

@@ -26,6 +26,7 @@ from ..classifier import load_classifier_model, load_tokenizer, pick_device, rea
 from ..config import InputError, SettingError
 from ..data import clean_text, length_grouped_batches, pad_batch, tokenize
 from .multi import AdapterWeights, MultiAdapterModel
+from .onnx import OnnxClassifier, is_onnx_export, load_onnx_classifier
 
 # An adapter's name is its folder's name: one path component, never "." or "..", no separator,
 # nothing a URL or a shell would need to quote.
@@ -65,14 +66,21 @@ def check_same_base(config: dict, base_model: str, directory: Path) -> None:
         )
 
 
-def read_served_adapter(name: str, directory: str | os.PathLike, base_model: str) -> tuple[Adapter, AdapterWeights]:
-    """Read one adapter folder and check that it can be served on ``base_model``.
+def read_served_adapter(
+    name: str, directory: str | os.PathLike, base_model: str
+) -> tuple[Adapter, AdapterWeights | OnnxClassifier]:
+    """Read one adapter folder and check that it can be served on ``base_model``. An ONNX export
+    (``lora-export --format onnx``) is served whole, by ONNX Runtime, beside the mixed batches.
 
     Raises:
         InputError: a missing or unreadable adapter, one of another base, one trained on a
         quantized base, or tensors that are not a LoRA adapter.
     """
     directory = Path(directory)
+    if is_onnx_export(directory):
+        classifier = load_onnx_classifier(directory)
+        check_same_base(classifier.config, base_model, directory)
+        return Adapter(name, directory, classifier.config), classifier
     state, config = read_adapter(directory)
     check_same_base(config, base_model, directory)
     if config.quantize_base is not None:
@@ -91,6 +99,13 @@ def read_served_adapter(name: str, directory: str | os.PathLike, base_model: str
     return Adapter(name, directory, config), weights
 
 
+def trained_on(directory: Path) -> str:
+    """The base model an adapter folder or an ONNX export was made from."""
+    if is_onnx_export(directory):
+        return load_onnx_classifier(directory).config.base_model
+    return read_adapter(directory)[1].base_model
+
+
 class AdapterSet:
     """The adapters served on one base model, and mixed-batch prediction over them.
 
@@ -105,24 +120,33 @@ class AdapterSet:
         base = load_classifier_model(base_model, BASE_HEAD_LABELS).to(self.device)
         self.model = MultiAdapterModel(base)
         self.adapters: dict[str, Adapter] = {}
-        self._index: dict[str, int] = {}
+        self._index: dict[str, int] = {}  # the LoRA adapters' rows in the mixed batches
+        self._exports: dict[str, OnnxClassifier] = {}  # ONNX exports, each predicting on its own
         self._lock = threading.Lock()
 
-    def set_adapters(self, adapters: list[tuple[Adapter, AdapterWeights]]) -> None:
+    def set_adapters(self, adapters: list[tuple[Adapter, AdapterWeights | OnnxClassifier]]) -> None:
         """Serve exactly ``adapters`` from now on.
 
         Raises:
             InputError: an adapter that does not fit the base (other shapes, a module it lacks);
             the set is then empty.
         """
+        lora = [(adapter, weights) for adapter, weights in adapters if isinstance(weights, AdapterWeights)]
         with self._lock:
             try:
-                self.model.set_adapters([weights for _, weights in adapters])
+                self.model.set_adapters([weights for _, weights in lora])
             except ValueError as error:
-                self.adapters, self._index = {}, {}
+                self.adapters, self._index, self._exports = {}, {}, {}
                 raise InputError(f"adapters do not fit base model {self.base_model!r}: {error}") from None
             self.adapters = {adapter.name: adapter for adapter, _ in adapters}
-            self._index = {adapter.name: index for index, (adapter, _) in enumerate(adapters)}
+            self._index = {adapter.name: index for index, (adapter, _) in enumerate(lora)}
+            self._exports = {adapter.name: export for adapter, export in adapters if isinstance(export, OnnxClassifier)}
+
+    def kind(self, name: str) -> str:
+        """How adapter ``name`` runs: ``lora`` (in the mixed batches), ``onnx`` or ``onnx int8``."""
+        if name not in self._exports:
+            return "lora"
+        return "onnx int8" if self._exports[name].int8 else "onnx"
 
     def predict_proba(self, texts: list[str], adapters: list[str], batch_size: int = 64) -> list[np.ndarray]:
         """Row ``i``: float32 probabilities over the labels of adapter ``adapters[i]`` for ``texts[i]``.
@@ -143,11 +167,20 @@ class AdapterSet:
                     f"unknown adapter(s) {', '.join(map(repr, unknown))}; "
                     f"served: {', '.join(sorted(self.adapters)) or 'none'}"
                 )
-            token_ids = self._tokenize(texts, adapters)
-            index = torch.tensor([self._index[name] for name in adapters], dtype=torch.long)
-            logits = self._logits(token_ids, index, batch_size)
-            probabilities = logits.softmax(dim=-1).numpy()  # -inf columns (other heads' labels) -> 0
-            return [row[: len(self.adapters[name].labels)] for row, name in zip(probabilities, adapters)]
+            rows: list[np.ndarray | None] = [None] * len(texts)
+            mixed = [i for i, name in enumerate(adapters) if name in self._index]
+            if mixed:
+                token_ids = self._tokenize([texts[i] for i in mixed], [adapters[i] for i in mixed])
+                index = torch.tensor([self._index[adapters[i]] for i in mixed], dtype=torch.long)
+                probabilities = self._logits(token_ids, index, batch_size).softmax(dim=-1).numpy()  # -inf -> 0
+                for i, row in zip(mixed, probabilities):
+                    rows[i] = row[: len(self.adapters[adapters[i]].labels)]
+            for name, export in self._exports.items():
+                own = [i for i, row_name in enumerate(adapters) if row_name == name]
+                if own:
+                    for i, row in zip(own, export.predict_proba([texts[i] for i in own], batch_size)):
+                        rows[i] = row
+            return rows
 
     def classify(self, texts: list[str], adapters: list[str], batch_size: int = 64) -> list[str]:
         """The label name of each text under its own adapter, in input order."""
@@ -168,7 +201,7 @@ class AdapterSet:
     @torch.inference_mode()
     def _logits(self, token_ids: list[list[int]], index: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Float32 logits ``(N, widest head)`` on the CPU, ``-inf`` beyond each row's own head."""
-        width = max(len(adapter.labels) for adapter in self.adapters.values()) if self.adapters else 0
+        width = max(len(self.adapters[name].labels) for name in self._index)
         logits = torch.empty(len(token_ids), width)
         batches = length_grouped_batches([len(ids) for ids in token_ids], batch_size, seed=0, shuffle=False)
         for rows in batches:
@@ -200,7 +233,7 @@ def load_adapters(
     if not directories:
         raise InputError("no adapter folders given")
     first = next(iter(directories.values()))
-    base_model = read_adapter(Path(first))[1].base_model
+    base_model = trained_on(Path(first))
     loaded = [read_served_adapter(name, directory, base_model) for name, directory in directories.items()]
     adapter_set = AdapterSet(base_model, device)
     adapter_set.set_adapters(loaded)
@@ -218,7 +251,8 @@ def adapter_folders(root: str | os.PathLike) -> tuple[dict[str, Path], dict[str,
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
-        if not (entry / WEIGHTS_NAME).is_file() or not (entry / CONFIG_NAME).is_file():
+        holds_adapter = (entry / WEIGHTS_NAME).is_file() and (entry / CONFIG_NAME).is_file()
+        if not holds_adapter and not is_onnx_export(entry):
             continue
         if not ADAPTER_NAME.fullmatch(entry.name):
             refused[entry.name] = (
@@ -254,7 +288,7 @@ class AdapterDirectory:
                     "put one there or name the base model with {base_model}",
                     "base_model",
                 )
-            base_model = read_adapter(next(iter(found.values())))[1].base_model
+            base_model = trained_on(next(iter(found.values())))
         self.adapter_set = AdapterSet(base_model, device)
         self.refused: dict[str, str] = {}
         self.reload()

@@ -177,6 +177,7 @@ def _adapter_listing(directory: AdapterDirectory) -> dict:
                 "r": adapter.config.lora.r,
                 "target_modules": list(adapter.config.lora.target_modules),
                 "dora": adapter.config.lora.dora,
+                "runs_as": directory.adapter_set.kind(name),
             }
             for name, adapter in sorted(served.items())
         ],

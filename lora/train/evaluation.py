@@ -2,25 +2,13 @@
 by every rank and always with dropout off."""
 
 import torch
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch.nn import functional as F
 
-from ..classifier import batched_logits
+from ..classifier import batched_logits, classification_metrics
 from . import distributed
 from .distributed import World
 
 SINGLE_PROCESS = World()  # a run without torchrun
-
-
-def classification_metrics(labels, predictions) -> dict:
-    """Accuracy and macro precision / recall / F1 (scikit-learn)."""
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="macro", zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "precision_macro": float(precision),
-        "recall_macro": float(recall),
-        "f1_macro": float(f1),
-    }
 
 
 def evaluate(
