@@ -544,11 +544,13 @@ def main(argv=None) -> None:
         "load": lambda: load_part(args),
         "overload": lambda: overload_part(args),
     }
-    parts = [runners[name]() for name in (args.parts or runners)]
+    chosen = args.parts or list(runners)
+    parts = [runners[name]() for name in chosen]
+    subset = "" if chosen == list(runners) else " --parts " + " ".join(chosen)  # its own section: the rest stays
     common.report(
         args,
-        "bench/serving.py",
-        "bench/serving.py: many adapters on one base, and lora-serve under load",
+        f"bench/serving.py{subset}",
+        f"bench/serving.py{subset}: many adapters on one base, and lora-serve under load",
         "\n\n".join([*parts, common.run_summary(started, load_at_start)]),
     )
 
