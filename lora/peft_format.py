@@ -249,9 +249,9 @@ def save_peft_adapter(
     rest of ``config`` (labels, max length, fingerprint...). ``base_model_name_or_path``: what
     peft and transformers should load as the base (default: ``config.base_model``; give the
     folder behind an alias such as ``minilm``). Returns the directory."""
+    tensors, peft_config = to_peft(state, config)  # first: an adapter peft cannot hold leaves no folder
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, peft_config = to_peft(state, config)
     peft_config["base_model_name_or_path"] = base_model_name_or_path or peft_config["base_model_name_or_path"]
     save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")

@@ -13,13 +13,22 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from helpers import FAMILY_NAMES, LABELS, MODEL_TOLERANCE, assert_same_value, producer_config, tiny_tokenizer
+from helpers import (
+    FAMILY_NAMES,
+    LABELS,
+    MODEL_TOLERANCE,
+    assert_same_value,
+    producer_config,
+    refused,
+    tiny_tokenizer,
+)
 from lora import LoRAConfig, LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora, save_adapter
 from lora.classifier import load_classifier, load_classifier_model
 from lora.cli.export import main as export_main
 from lora.cli.predict import main as predict_main
 from lora.cli.train import main as train_main
 from lora.model import parameter_table
+from lora.serve.adapters import read_served_adapter
 from lora.variants import FusedQKVLoRALinear, stack_slices
 
 TEXTS = [
@@ -186,6 +195,8 @@ def test_slices_beside_other_targets_export_with_peft_rank_and_alpha_patterns(fa
     train_a_few_steps(model)
     run = save_adapter(tmp_path / "run", model, **producer_config(folder))
     export_main([str(run), str(tmp_path / "peft")])
+    with refused("holds LoRA on slices of a fused q/k/v Linear, which is not served with other adapters yet"):
+        read_served_adapter("modernbert", run, str(folder))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     wqkv = ["model.layers.0.attn.Wqkv", "model.layers.1.attn.Wqkv"]
     assert (config["r"], config["lora_alpha"]) == (2, 4.0)
@@ -270,6 +281,11 @@ def test_the_head_choices_on_deberta_whose_pooler_the_checkpoint_lacks(family_di
     run = save_adapter(tmp_path / "run", model, **producer_config(folder))
     assert json.loads((run / "adapter_config.json").read_text())["head"] == "lora"
     assert torch.equal(logits(load_classifier(run, "cpu", merge=False).model), logits(model))
+    # The identity is this package's: peft's base, and the base several adapters are served on, lack it.
+    with refused("keeps the head's hidden layer frozen"):
+        export_main([str(run), str(tmp_path / "peft")])
+    with refused("keeps the head's hidden layer frozen \\(head lora\\), which the served base does not rebuild"):
+        read_served_adapter("deberta", run, str(folder))
 
 
 def test_a_linear_head_on_roberta_is_its_output_layer_on_tanh_of_the_pooled_token(family_dirs, tmp_path):

@@ -22,7 +22,7 @@ from lora import (
     parameter_table,
     unmerge_lora,
 )
-from lora.model import saved_lora_config
+from lora.model import head_parameters, saved_lora_config
 
 TEXTS = [
     "Stocks rally as bank profit beats the market",
@@ -112,6 +112,21 @@ def test_roberta_base_parameter_table(roberta_base_r10):
     ]
     assert "classifier.dense.weight" in table[26] and "589,824" in table[26]
     assert table[-1].split() == ["total", "962,308", "0.770%", "of", "125,017,348"]
+
+
+@pytest.mark.parametrize(
+    "head, trainable, in_the_head",
+    [
+        ("full", 962_308, 593_668),  # classifier.dense 768x768 + 768, out_proj 4x768 + 4: 62% of the budget
+        ("lora", 387_076, 18_436),  # LoRA r=10 on classifier.dense: 10 * (768 + 768), out_proj in full
+        ("linear", 371_716, 3_076),  # out_proj alone
+    ],
+)
+def test_roberta_base_r10_query_value_count_with_each_head(head, trainable, in_the_head):
+    model = roberta_base_shape("meta")
+    inject_lora(model, ("query", "value"), r=10, alpha=64, head=head)
+    assert count_parameters(model)[0] == trainable == 368_640 + in_the_head
+    assert head_parameters(model) == in_the_head
 
 
 def test_roberta_base_r8_query_count():
