@@ -351,8 +351,9 @@ def _prepare_head(model: nn.Module, head: str, trainable: Iterable[str]) -> list
     random = [name for name in sorted(fresh) if not _is_under(name, trainable) and not name.startswith(tuple(dense))]
     if random:
         raise ValueError(
-            f"{_some(random)} are not in the checkpoint (initialised at random) and would neither train nor be "
-            "saved: add their modules to the trainable modules, or leave those to the default (the head)"
+            f"{_some(random)} are not in the checkpoint (initialised at random) and lie in none of the modules "
+            f"trained in full {list(trainable)}: they would stay random and unsaved; add their modules, or leave "
+            "the trainable modules to their default (the head)"
         )
     return dense
 

@@ -129,6 +129,9 @@ def test_a_family_trains_saves_reloads_merges_and_exports_with_the_same_logits(f
         assert (config["r"], config["lora_alpha"]) == (4, 8.0)
         assert config["target_modules"] == ["model.layers.0.attn.Wqkv", "model.layers.1.attn.Wqkv"]
     torch.testing.assert_close(peft_logits(family_dirs[family], tmp_path / "peft"), expected, **MODEL_TOLERANCE)
+    # and back: the peft folder reads as the same adapter (ModernBERT's as the plain rank-2r LoRA on Wqkv)
+    from_peft = load_classifier(tmp_path / "peft", "cpu", merge=False).model
+    torch.testing.assert_close(logits(from_peft), expected, **MODEL_TOLERANCE)
 
 
 # ---------------------------------------------------------------- ModernBERT's fused Wqkv
