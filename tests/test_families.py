@@ -29,6 +29,7 @@ from lora.cli.predict import main as predict_main
 from lora.cli.train import main as train_main
 from lora.model import parameter_table
 from lora.serve.adapters import read_served_adapter
+from lora.train import TrainConfig
 from lora.variants import FusedQKVLoRALinear, stack_slices
 
 TEXTS = [
@@ -303,6 +304,11 @@ def test_a_linear_head_on_roberta_is_its_output_layer_on_tanh_of_the_pooled_toke
     train_a_few_steps(model)
     run = save_adapter(tmp_path / "run", model, **producer_config(folder))
     assert torch.equal(logits(load_classifier(run, "cpu", merge=False).model), logits(model))
+
+
+def test_a_head_that_is_none_of_the_three_is_refused_naming_the_flag():
+    with refused(r"--head must be one of \['full', 'lora', 'linear'\], got 'tiny'"):
+        TrainConfig(head="tiny").check()
 
 
 # ---------------------------------------------------------------- the command lines
