@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, SettingError
 from .layer import FROZEN_LINEAR, LoRALinear
 from .quantize import SCHEMES, QuantizedLinear, quantized_linear
 from .variants import (
@@ -252,12 +252,18 @@ def inject_lora(model: nn.Module, config: LoRAConfig | Iterable[str] | None = No
         asked = sorted(set(targets) | {f"{family.fused_qkv}[{role}]" for role in slices})
         raise ValueError(f"no nn.Linear named {asked}{where}; this model's Linear modules are named {linear_names}")
     if set(matches) & set(fused):
-        raise ValueError(f"{family.fused_qkv} is named whole and by its slices {list(slices)}; name one of the two")
+        raise SettingError(
+            f"{{target_modules}} name {family.fused_qkv} whole and by its slices {list(slices)}; name one of the two",
+            "target_modules",
+        )
     if fused and (config.dora or config.init == "pissa"):
-        variant, setting = ("DoRA", "dora") if config.dora else ("PiSSA", "init pissa")
-        raise ValueError(
-            f"{variant} on slices of the fused {family.fused_qkv} is not supported (its norms or SVD are the "
-            f"whole layer's); adapt the whole layer (target {family.fused_qkv.rsplit('.', 1)[-1]}) or drop {setting}"
+        variant, setting, field_name = ("DoRA", "{dora}", "dora") if config.dora else ("PiSSA", "{init} pissa", "init")
+        whole = family.fused_qkv.rsplit(".", 1)[-1]
+        raise SettingError(
+            f"{variant} on slices of the fused {family.fused_qkv} is not supported (its norms or SVD are the whole "
+            f"layer's); adapt the whole layer ({{target_modules}} {whole}) or drop {setting}",
+            "target_modules",
+            field_name,
         )
 
     parameter_names = [name for name, _ in model.named_parameters()]
@@ -332,16 +338,21 @@ def _prepare_head(model: nn.Module, head: str, trainable: Iterable[str]) -> list
     dense = [] if head == "full" or family is None else [family.head_dense]
     if head != "full" and family is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ValueError(f"head {head!r} needs the head's layers, known for {sorted(FAMILIES)}, not {model_type!r}")
+        raise SettingError(
+            f"{{head}} {head} needs the head's layers, known for {sorted(FAMILIES)}, not {model_type!r}", "head"
+        )
     if dense and _is_under(f"{dense[0]}.weight", trainable):
-        raise ValueError(
-            f"head {head!r} keeps {dense[0]} frozen, but it lies in the trainable module(s) {list(trainable)}"
+        raise SettingError(
+            f"{{head}} {head} keeps {dense[0]} frozen, but it lies in the {{trainable_modules}} {list(trainable)}",
+            "head",
+            "trainable_modules",
         )
     if dense and f"{dense[0]}.weight" in fresh:
         if head == "linear" and not family.tanh_head:
-            raise ValueError(
-                f"head 'linear' needs the head's hidden layer {dense[0]} at the identity (it is not in the "
-                "checkpoint), and the activation after it drops part of what the identity passes; use head lora or full"
+            raise SettingError(
+                f"{{head}} linear needs the head's hidden layer {dense[0]} at the identity (the checkpoint lacks "
+                "it), and the activation after it drops part of what the identity passes; use {head} lora or full",
+                "head",
             )
         layer = model.get_submodule(dense[0])
         if not layer.weight.is_meta:
@@ -350,10 +361,11 @@ def _prepare_head(model: nn.Module, head: str, trainable: Iterable[str]) -> list
                 layer.bias.zero_()
     random = [name for name in sorted(fresh) if not _is_under(name, trainable) and not name.startswith(tuple(dense))]
     if random:
-        raise ValueError(
-            f"{_some(random)} are not in the checkpoint (initialised at random) and lie in none of the modules "
-            f"trained in full {list(trainable)}: they would stay random and unsaved; add their modules, or leave "
-            "the trainable modules to their default (the head)"
+        raise SettingError(
+            f"{_some(random)} are not in the checkpoint (initialised at random) and lie in none of the "
+            f"{{trainable_modules}} {list(trainable)}: they would stay random and unsaved; add their modules, "
+            "or leave {trainable_modules} to its default (the head)",
+            "trainable_modules",
         )
     return dense
 

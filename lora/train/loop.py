@@ -126,6 +126,8 @@ def load_job(config: TrainConfig, device: torch.device) -> Job:
         wrapped = inject_lora(model, config.lora_config())
         if config.quantize_base is not None:
             quantize_base(model, config.quantize_base, config.double_quant)
+    except SettingError:
+        raise  # names its settings: the command line names their flags
     except ValueError as error:
         raise SettingError(str(error)) from None
     return Job(splits, tokenizer, train_ids, val_ids, model.to(device), wrapped)
