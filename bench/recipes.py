@@ -97,12 +97,12 @@ def run_dir(runs_dir: Path, recipe: str, seed: int) -> Path:
     return runs_dir / slug(recipe) / f"seed{seed}"
 
 
-def command(recipe: str, seed: int, folder: Path) -> list[str]:
+def command(flags: list[str], seed: int, folder: Path) -> list[str]:
     return [
         sys.executable,
         "train.py",
         *DATA,
-        *RECIPES[recipe],
+        *flags,
         "--seed",
         str(seed),
         "--output-dir",
@@ -111,8 +111,8 @@ def command(recipe: str, seed: int, folder: Path) -> list[str]:
     ]
 
 
-def run_one(recipe: str, seed: int, folder: Path, threads: int | None, jobs: int) -> None:
-    """One whole train.py process; its wall time and setting go to ``folder / WALL_FILE``."""
+def run_one(recipe: str, flags: list[str], seed: int, folder: Path, threads: int | None, jobs: int) -> None:
+    """One whole train.py process (``DATA + flags``); its wall time and setting go to ``folder / WALL_FILE``."""
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if threads is not None:
@@ -120,7 +120,7 @@ def run_one(recipe: str, seed: int, folder: Path, threads: int | None, jobs: int
     load = common.load_average()
     started = time.perf_counter()
     with open(folder / "train.log", "w") as log:
-        status = subprocess.run(command(recipe, seed, folder), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(command(flags, seed, folder), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"error: {recipe}, seed {seed} failed (exit {status}); see {folder / 'train.log'}")
@@ -130,7 +130,8 @@ def run_one(recipe: str, seed: int, folder: Path, threads: int | None, jobs: int
     print(f"=== {recipe}, seed {seed}: {seconds / 60:.1f} min", file=sys.stderr, flush=True)
 
 
-def train_all(args) -> None:
+def train_all(args, recipes: dict[str, list[str]] = RECIPES) -> None:
+    """Every (recipe, seed) of ``args`` without a ``summary.json`` yet, ``args.jobs`` at a time."""
     todo = [
         (recipe, seed)
         for recipe in args.recipes
@@ -138,8 +139,13 @@ def train_all(args) -> None:
         if not (run_dir(args.runs_dir, recipe, seed) / "summary.json").is_file()
     ]
     threads = 1 if args.jobs > 1 else None
+
+    def run(item):
+        recipe, seed = item
+        run_one(recipe, recipes[recipe], seed, run_dir(args.runs_dir, recipe, seed), threads, args.jobs)
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        for done in pool.map(lambda item: run_one(*item, run_dir(args.runs_dir, *item), threads, args.jobs), todo):
+        for done in pool.map(run, todo):
             del done
 
 

@@ -2,10 +2,11 @@
 
     delta_W = (alpha / r) * B @ A        y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)
 
-Read ``layer.py`` first (the math, about 150 lines), then ``model.py`` (putting it into a model).
-``config.py`` holds ``LoRAConfig``, ``variants.py`` DoRA, PiSSA and LoRA+, ``quantize.py`` the int8
-/ NF4 base, ``adapter.py`` the adapter folder, ``peft_format.py`` peft's, ``inspection.py`` what an
-adapter did, ``data.py`` AG News, ``classifier.py`` a pretrained classifier with an adapter.
+Read ``layer.py`` first (the math, about 150 lines), then ``model.py`` (putting it into a model,
+the encoder families' names and heads). ``config.py`` holds ``LoRAConfig``, ``variants.py`` DoRA,
+PiSSA, LoRA+ and LoRA on slices of a fused q/k/v Linear, ``quantize.py`` the int8 / NF4 base,
+``adapter.py`` the adapter folder, ``peft_format.py`` peft's, ``inspection.py`` what an adapter did,
+``data.py`` AG News, ``classifier.py`` a pretrained classifier with an adapter.
 The jobs built on it live in sub-packages: ``lora.train``, ``lora.search``, ``lora.serve``, and
 ``lora.cli`` the command lines.
 """
@@ -29,12 +30,13 @@ from .model import (
     unmerge_lora,
 )
 from .quantize import Int8Linear, NF4Linear, QuantizedLinear
-from .variants import DoRALinear, lora_plus_groups, pissa_init_
+from .variants import DoRALinear, FusedQKVLoRALinear, lora_plus_groups, pissa_init_
 
 __all__ = [
     "LoRALinear",
     "LoRAConfig",
     "DoRALinear",
+    "FusedQKVLoRALinear",
     "pissa_init_",
     "lora_plus_groups",
     "inject_lora",

@@ -170,7 +170,14 @@ def base_label_names(name: str) -> list[str]:
 
 
 def load_classifier_model(name: str, labels: list[str]):
-    """``AutoModelForSequenceClassification`` for ``name`` with a fresh head over ``labels``."""
+    """``AutoModelForSequenceClassification`` for ``name`` with a fresh head over ``labels``.
+
+    The model keeps what the loading report says was not in the checkpoint, and so was
+    initialised at random: ``model.fresh_parameters``, the names of the parameters missing from
+    it or of another shape there (a head for another number of labels). ``inject_lora`` trains
+    and saves those by default (``lora.model.head_modules``): DeBERTa's pooler, RoBERTa's
+    ``classifier.dense`` and ``out_proj``, BERT's ``classifier``, whatever their names.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -179,17 +186,22 @@ def load_classifier_model(name: str, labels: list[str]):
     logging.disable_progress_bar()  # a "Loading weights" bar would turn a one-line error into two
     try:
         # A checkpoint's own head of another size is replaced by a fresh one, not an error.
-        return _load(
+        model, report = _load(
             AutoModelForSequenceClassification.from_pretrained,
             name,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
     finally:
         logging.set_verbosity(verbosity)
         logging.enable_progress_bar()
+    parameters = {parameter for parameter, _ in model.named_parameters()}
+    fresh = set(report["missing_keys"]) | {key[0] for key in report["mismatched_keys"]}
+    model.fresh_parameters = tuple(sorted(fresh & parameters))  # buffers (position ids) are no parameters
+    return model
 
 
 def pick_device(name: str) -> torch.device:

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from .layer import check_lora_hyperparameters, lora_scaling
 from .variants import INITS
 
+# What trains in the classification head (inject_lora): the head's hidden layer and its output
+# layer in full; a LoRA on the hidden layer and the output layer in full; the output layer alone.
+HEADS = ("full", "lora", "linear")
+
 
 class InputError(ValueError):
     """A value, file or name the library cannot work with. The message says what is wrong with
@@ -47,13 +51,18 @@ class LoRAConfig:
         alpha: scale numerator: ``scaling = alpha / r``.
         dropout: dropout probability on the LoRA branch's input (0: none).
         target_modules: the ``nn.Linear`` modules to adapt: a last name component (``"query"``)
-            or a dotted path inside an encoder layer (``"attention.output.dense"``).
+            or a dotted path inside an encoder layer (``"attention.output.dense"``). BERT's names
+            (``query``, ``key``, ``value``, ``attention.output.dense``, ``intermediate.dense``,
+            ``output.dense``) stand for each supported family's own (``model.FAMILIES``).
         layers: only these encoder layer indices (None: every layer).
         rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
         dora: a trainable magnitude per output row (``DoRALinear``).
         init: ``"lora"`` (``B = 0``, Kaiming-uniform ``A``) or ``"pissa"`` (``pissa_init_``).
-        trainable_modules: modules trained in full (the classification head the classifier
-            model creates fresh).
+        trainable_modules: modules trained in full. None: the head (as ``head`` says) and every
+            module the checkpoint did not hold (``model.head_modules``).
+        head: what trains in the classification head (``HEADS``): ``"full"``, its hidden layer
+            and output layer; ``"lora"``, a LoRA on the hidden layer and the output layer in full;
+            ``"linear"``, the output layer alone.
 
     Lists become tuples, so that a config is hashable and compares equal to itself read back
     from JSON. Raises ``ValueError`` for an impossible value.
@@ -67,12 +76,15 @@ class LoRAConfig:
     rslora: bool = False
     dora: bool = False
     init: str = "lora"
-    trainable_modules: tuple[str, ...] = ("classifier",)
+    trainable_modules: tuple[str, ...] | None = None
+    head: str = "full"
 
     def __post_init__(self):
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {list(HEADS)}, got {self.head!r}")
         for name in ("target_modules", "trainable_modules", "layers"):
             value = getattr(self, name)
             if value is not None:

@@ -103,7 +103,8 @@ def update_stats(name: str, layer: LoRALinear) -> UpdateStats:
     weight = pretrained_weight(layer)
     delta = layer.delta_weight()
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    s, u, vh = s[: layer.r], u[:, : layer.r], vh[: layer.r]
+    rank = layer.lora_A.shape[0]  # r; k r for LoRA on k slices of a fused q/k/v Linear
+    s, u, vh = s[:rank], u[:, :rank], vh[:rank]
     update_norm = float(delta.norm())
     projected = float((u.T @ weight @ vh.T).norm())
     magnitude_change = None

@@ -16,6 +16,13 @@ and so do the settings: ``r``, ``alpha`` -> ``lora_alpha``, ``dropout`` -> ``lor
 A PiSSA adapter is already saved as the plain rank-``2r`` LoRA on the pretrained weights
 (``model.lora_state_dict``), which is also what peft saves after its conversion.
 
+LoRA on ``k`` slices of a fused q/k/v Linear (ModernBERT's ``Wqkv``) is written as what it is, one
+LoRA of rank ``k r`` on the whole ``Wqkv``: ``A`` as it is (the ``A_i`` stacked), ``B`` block-
+structured with zero rows for the slices not adapted (``variants.stack_slices``), and
+``lora_alpha = k * alpha`` (``sqrt(k) * alpha`` with rsLoRA) for the same scaling; beside other
+targets of rank ``r``, through peft's ``rank_pattern`` and ``alpha_pattern``. Read back, it is
+that plain rank-``k r`` LoRA on ``Wqkv``: the same function.
+
 What peft's config has no field for (label names, max length, cleaning, the base fingerprint,
 quantization) goes to ``lora_extras.json`` beside it: peft ignores that file, and reading the
 folder back gives our adapter as it was.
@@ -31,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from .adapter import AdapterConfig
 from .config import InputError, LoRAConfig
 from .model import layer_index, path_in_layer
+from .variants import QKV_ROLES, stack_slices
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -81,27 +89,55 @@ def to_peft(state: dict[str, torch.Tensor], config: AdapterConfig) -> tuple[dict
 
     ``target_modules`` are our target names when peft's rule (a module whose dotted name ends
     with ``.target``, in ``layers_to_transform``) picks the same modules: every target a plain
-    name that no module of the head carries. Otherwise (a path such as ``output.dense``, which
-    peft would also match in ``attention.output.dense``; ``dense`` with a head that has a
-    ``dense`` too) they are the full names of the adapted modules, which peft matches exactly.
+    name that an adapted module carries and no module of the head does. Otherwise (a path such
+    as ``output.dense``, which peft would also match in ``attention.output.dense``; ``dense``
+    with a head that has a ``dense`` too; a generic name such as DeBERTa's ``query``, whose
+    module is ``query_proj``; slices of a fused Linear) they are the full names of the adapted
+    modules, which peft matches exactly.
+
+    Raises:
+        NotMappable: an adapter whose head keeps its hidden layer frozen (``head`` ``"lora"`` or
+        ``"linear"``): that layer may be the identity ``inject_lora`` set, which peft's base lacks.
     """
+    lora = config.lora
+    if lora.head != "full":
+        raise NotMappable(
+            f"an adapter with head {lora.head!r} keeps the head's hidden layer frozen, at the identity when the "
+            "checkpoint lacks it: peft's base model would bring its own; export an adapter trained with head full"
+        )
+    # Slices of a fused q/k/v Linear: B (k, h, r) -> the block-structured B' (3 h, k r).
+    fused = {name: tensor for name, tensor in state.items() if name.endswith(".lora_B") and tensor.ndim == 3}
+    slices = tuple(role for role in QKV_ROLES if role in lora.target_modules)
     tensors = {}
     for name, tensor in state.items():
         suffix = next((s for s in LORA_SUFFIXES if name.endswith(s)), None)
         key = name.removesuffix(suffix) + LORA_SUFFIXES[suffix][0] if suffix else name
-        tensors[PREFIX + key] = tensor.contiguous()
+        tensors[PREFIX + key] = (stack_slices(tensor, slices) if name in fused else tensor).contiguous()
     head_modules = {part for name in state if not _is_lora(name) for part in name.split(".")[:-1]}
-    lora = config.lora
+    adapted = sorted(name.removesuffix(".lora_A") for name in state if name.endswith(".lora_A"))
     targets = list(lora.target_modules)
-    if any("." in target or target in head_modules for target in targets):
-        targets = sorted(name.removesuffix(".lora_A") for name in state if name.endswith(".lora_A"))
+    carried = {name.rsplit(".", 1)[-1] for name in adapted}
+    if fused or any("." in target or target in head_modules or target not in carried for target in targets):
+        targets = adapted
+    rank, alpha = lora.r, lora.alpha
+    k = len(slices)
+    fused_rank, fused_alpha = k * lora.r, lora.alpha * (k**0.5 if lora.rslora else k)
+    patterns = {}
+    if fused and len(fused) == len(adapted):  # every adapted module is fused: one rank
+        rank, alpha = fused_rank, fused_alpha
+    elif fused:
+        names = [name.removesuffix(".lora_B") for name in fused]
+        patterns = {
+            "rank_pattern": dict.fromkeys(names, fused_rank),
+            "alpha_pattern": dict.fromkeys(names, fused_alpha),
+        }
     return tensors, {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
         "base_model_name_or_path": config.base_model,
         "revision": None,
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": lora.dropout,
         "target_modules": targets,
         "layers_to_transform": None if lora.layers is None else list(lora.layers),
@@ -113,6 +149,7 @@ def to_peft(state: dict[str, torch.Tensor], config: AdapterConfig) -> tuple[dict
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
+        **patterns,
     }
 
 
@@ -212,9 +249,9 @@ def save_peft_adapter(
     rest of ``config`` (labels, max length, fingerprint...). ``base_model_name_or_path``: what
     peft and transformers should load as the base (default: ``config.base_model``; give the
     folder behind an alias such as ``minilm``). Returns the directory."""
+    tensors, peft_config = to_peft(state, config)  # first: an adapter peft cannot hold leaves no folder
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, peft_config = to_peft(state, config)
     peft_config["base_model_name_or_path"] = base_model_name_or_path or peft_config["base_model_name_or_path"]
     save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Three refinements of LoRA, each a few lines beside ``LoRALinear`` (imports only torch).
+"""Refinements of LoRA, each a few lines beside ``LoRALinear`` (imports only torch): DoRA, PiSSA,
+LoRA+, and LoRA on slices of a fused q/k/v projection (ModernBERT's ``Wqkv``).
 
 DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): split the adapted weight into a
 trainable length per output row and a direction::
@@ -16,17 +17,24 @@ faster than ``A`` (``lr_B = ratio * lr``).
 
 Everything here matches peft 0.21 (``use_dora=True``, ``init_lora_weights="pissa"``,
 ``create_loraplus_optimizer``) up to float rounding; ``tests/test_variants.py`` checks it.
+
+Slices of a fused projection: ModernBERT computes queries, keys and values with one
+``nn.Linear`` ``Wqkv`` whose output rows are ``[q | k | v]``. ``FusedQKVLoRALinear`` gives each
+chosen slice its own pair ``A_i``, ``B_i``, as separate ``query`` and ``value`` Linears would get
+(litgpt's ``LoRAQKVLinear``); stacked, that is one LoRA of rank ``k r`` on ``Wqkv`` whose ``B``
+is block-structured (``stack_slices``), which is how peft stores it.
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layer import LoRALinear
+from .layer import LoRALinear, lora_scaling
 from .quantize import QuantizedLinear
 
 INITS = ("lora", "pissa")  # inject_lora(init=...): zero B and Kaiming A, or pissa_init_
 DORA_NEEDS_FLOAT_BASE = "DoRA needs the float base weight for its norms; it does not work with a quantized base"
+QKV_ROLES = ("query", "key", "value")  # the order of a fused Wqkv's output row blocks
 
 
 class DoRALinear(LoRALinear):
@@ -87,6 +95,88 @@ class DoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
+
+
+# ---------------------------------------------------------------- slices of a fused q/k/v Linear
+
+
+def stack_slices(lora_B: torch.Tensor, slices: tuple[str, ...]) -> torch.Tensor:
+    """The ``B'`` of the rank-``k r`` LoRA that a ``FusedQKVLoRALinear`` is, ``(3 h, k r)``.
+
+    ``lora_B`` is ``(k, h, r)``: ``B_i`` for the ``i``-th of ``slices`` (in ``QKV_ROLES`` order).
+    ``B_i`` sits in the rows of its slice and in columns ``i r .. (i+1) r``; every other entry is
+    zero, all the rows of a slice not adapted included. For query and value::
+
+        B' = [ B_q  0   ]     rows 0 .. h     (queries)
+             [ 0    0   ]     rows h .. 2h    (keys: no update)
+             [ 0    B_v ]     rows 2h .. 3h   (values)
+    """
+    k, hidden, r = lora_B.shape
+    diagonal = torch.block_diag(*lora_B)  # (k h, k r): B_i on the diagonal
+    adapted = iter(diagonal.split(hidden))
+    zeros = diagonal.new_zeros(hidden, k * r)
+    return torch.cat([next(adapted) if role in slices else zeros for role in QKV_ROLES])
+
+
+class FusedQKVLoRALinear(LoRALinear):
+    """LoRA on chosen slices of a frozen fused ``[q | k | v]`` Linear (ModernBERT's ``Wqkv``).
+
+    ``Wqkv`` is ``nn.Linear(in, 3 h)``: its output rows ``0:h`` are the queries, ``h:2h`` the keys,
+    ``2h:3h`` the values. Each of the ``k`` chosen slices gets its own pair::
+
+        A_i: (r, in)   B_i: (h, r)
+        y[slice_i] = x W_i^T + b_i + scaling * dropout(x) A_i^T B_i^T
+        y[other]   = x W^T + b                                  (the base's output, bit for bit)
+
+    Trainable: ``k r (in + h)``, what LoRA on separate query and value Linears costs (peft can only
+    adapt the whole ``Wqkv``: ``r (in + 3 h)``, the keys included).
+
+    Stacked, the same update is one LoRA of rank ``k r`` on the whole ``Wqkv``::
+
+        A' = [A_1; ...; A_k]    (k r, in)      this layer's ``lora_A``
+        B' = stack_slices(B)    (3 h, k r)     block-structured, zero in the rows of the keys
+        scaling * B' A' = scaling * B_i A_i in the rows of slice i, zero elsewhere
+
+    so forward, merge and unmerge are ``LoRALinear``'s with ``B'`` in place of ``B``: the key rows
+    get exact zeros added (their output, and their merged weight, stay the base's bit for bit).
+    ``lora_A`` ``(k r, in)`` starts Kaiming-uniform as ``k`` separate ``A_i`` would (fan-in ``in``),
+    ``lora_B`` ``(k, h, r)`` at zero. ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA):
+    the rank-``k r`` form needs ``alpha' = k alpha`` (``sqrt(k) alpha``) for the same scaling.
+
+    Shapes: ``x`` ``(*, in)`` -> ``(*, 3 h)``. The ``B'`` matmul costs ``3 h k r`` multiply-adds a
+    token where ``k`` separate ones would cost ``k h r``: three times more, and still next to
+    nothing beside the base's ``3 h in``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear | QuantizedLinear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        slices: tuple[str, ...] = ("query", "value"),
+    ):
+        if not slices or set(slices) - set(QKV_ROLES):
+            raise ValueError(f"slices must be some of {list(QKV_ROLES)}, got {list(slices)}")
+        if base.out_features % 3:
+            raise ValueError(f"a fused q/k/v Linear has 3 * h outputs, this one {base.out_features}")
+        self.slices = tuple(role for role in QKV_ROLES if role in slices)
+        k = len(self.slices)
+        super().__init__(base, k * r, alpha, dropout, rslora)  # lora_A: the k stacked A_i, (k r, in)
+        self.r, self.scaling = r, lora_scaling(r, alpha, rslora)
+        self.lora_B = nn.Parameter(torch.zeros(k, base.out_features // 3, r, device=self.lora_A.device))
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * x A'^T B'^T``: ``(*, in)`` -> ``(*, k r)`` -> ``(*, 3 h)``, zero in the keys' columns."""
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, stack_slices(self.lora_B, self.slices))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B' @ A'``, ``(3 h, in)``, float32; zero in the rows of the slices not adapted."""
+        return (stack_slices(self.lora_B.float(), self.slices) @ self.lora_A.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", slices={','.join(self.slices)}"
 
 
 # ---------------------------------------------------------------- PiSSA

@@ -12,7 +12,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from helpers import TRAINED_RUNS, config_for, pretrained_tiny_model, tiny_tokenizer, toy_news  # noqa: E402
+from helpers import (  # noqa: E402
+    FAMILY_NAMES,
+    TRAINED_RUNS,
+    config_for,
+    family_checkpoint,
+    pretrained_tiny_model,
+    tiny_tokenizer,
+    toy_news,
+)
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +31,18 @@ def tiny_model_dir(tmp_path_factory):
     pretrained_tiny_model().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """``{family: folder}``: a tiny random checkpoint of each encoder family (``family_checkpoint``:
+    no classification head, as on the hub) and ``tiny_tokenizer``, loadable with ``--model folder``."""
+    folders = {}
+    for family in FAMILY_NAMES:
+        folders[family] = tmp_path_factory.mktemp(f"tiny-{family}")
+        family_checkpoint(family).save_pretrained(folders[family])
+        tiny_tokenizer().save_pretrained(folders[family])
+    return folders
 
 
 @pytest.fixture(scope="session")

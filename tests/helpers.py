@@ -18,7 +18,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertModel,
+    DebertaV2Config,
+    DebertaV2Model,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+)
 
 from lora.train import TrainConfig
 
@@ -189,6 +202,64 @@ def producer_config(model_dir, labels=LABELS, **settings) -> dict:
     from lora.train.loop import adapter_fields
 
     return adapter_fields(TrainConfig(model=str(model_dir), **settings), list(labels))
+
+
+# ----------------------------------------------------------------------------- the encoder families
+def family_checkpoint(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random checkpoint of one encoder family as the hub holds it: the masked-LM or base
+    model, without a classification head (roberta-base, DistilBERT and ModernBERT-base are
+    masked-LM checkpoints, MiniLM a BERT base model with its pooler, DeBERTa-v3 a base model).
+    32 wide, 2 layers, 4 heads, FFN 64, ``tiny_tokenizer``'s vocabulary and special tokens."""
+    common = dict(
+        vocab_size=tiny_config().vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=1,
+    )
+    builders = {
+        "roberta": lambda: RobertaForMaskedLM(RobertaConfig(**common, bos_token_id=0, eos_token_id=2)),
+        "bert": lambda: BertModel(BertConfig(**common)),
+        "distilbert": lambda: DistilBertForMaskedLM(
+            DistilBertConfig(
+                vocab_size=common["vocab_size"],
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                hidden_dim=64,
+                max_position_embeddings=80,
+                pad_token_id=1,
+            )
+        ),
+        # DeBERTa-v3-base's attention: relative positions in log buckets, shared keys, no absolute positions.
+        "deberta-v2": lambda: DebertaV2Model(
+            DebertaV2Config(
+                **common,
+                type_vocab_size=0,
+                relative_attention=True,
+                pos_att_type=["p2c", "c2p"],
+                share_att_key=True,
+                position_buckets=16,
+                max_relative_positions=-1,
+                norm_rel_ebd="layer_norm",
+                position_biased_input=False,
+                hidden_act="gelu",
+            )
+        ),
+        # A local window of 16 tokens (8 each side) in layer 1, global attention in layer 0.
+        "modernbert": lambda: ModernBertForMaskedLM(
+            ModernBertConfig(
+                **common, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2, local_attention=16
+            )
+        ),
+    }
+    torch.manual_seed(seed)
+    return builders[family]().eval()
+
+
+FAMILY_NAMES = ("roberta", "bert", "distilbert", "deberta-v2", "modernbert")
 
 
 # What the producer really writes. Every consumer of adapter folders (predict.py alone and with

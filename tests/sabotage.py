@@ -24,6 +24,7 @@ EXECUTION = "tests/test_execution.py::"
 CONSUMERS = "tests/test_consumers.py::"
 SERVE = "tests/test_serve.py::"
 LAYERS = "tests/test_layers.py::"
+FAMILIES = "tests/test_families.py::"
 
 
 @dataclass
@@ -462,6 +463,34 @@ SABOTAGES = [
         "        elif received > DISCARD_BYTES or",
         "        elif True or",
         (SERVE + "test_a_body_far_over_the_limit_sent_whole_before_reading_gets_the_json_413",),
+    ),
+    Sabotage(
+        "fused Wqkv: the key rows of B' not zero",
+        "lora/variants.py",
+        "zeros = diagonal.new_zeros(hidden, k * r)",
+        "zeros = diagonal.new_full((hidden, k * r), 1e-3)",
+        (FAMILIES + "test_lora_on_the_query_and_value_slices_leaves_the_keys_bit_for_bit",),
+    ),
+    Sabotage(
+        "fused Wqkv: peft's lora_alpha not scaled with the rank",
+        "lora/peft_format.py",
+        "fused_rank, fused_alpha = k * lora.r, lora.alpha * (k**0.5 if lora.rslora else k)",
+        "fused_rank, fused_alpha = k * lora.r, lora.alpha",
+        (FAMILIES + "test_slices_beside_other_targets_export_with_peft_rank_and_alpha_patterns",),
+    ),
+    Sabotage(
+        "head: a fresh hidden layer left random under --head lora",
+        "lora/model.py",
+        "        if not layer.weight.is_meta:\n",
+        "        if False:\n",
+        (FAMILIES + "test_the_head_choices_on_deberta_whose_pooler_the_checkpoint_lacks",),
+    ),
+    Sabotage(
+        "head: the loading report ignored",
+        "lora/classifier.py",
+        "model.fresh_parameters = tuple(sorted(fresh & parameters))",
+        "model.fresh_parameters = ()",
+        (FAMILIES + "test_the_head_choices_on_deberta_whose_pooler_the_checkpoint_lacks",),
     ),
 ]
 

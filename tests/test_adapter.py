@@ -24,6 +24,7 @@ from lora import (
 )
 from lora.adapter import CONFIG_NAME, WEIGHTS_NAME
 from lora.config import InputError
+from lora.model import saved_lora_config
 
 TEXTS = [
     "Stocks rally as bank profit beats the market",
@@ -82,7 +83,7 @@ def test_round_trip_gives_identical_logits(tmp_path, inject):
     assert not fresh.training and not any(m.training for m in fresh.modules())
     assert torch.equal(logits(fresh), expected)
     assert lora_state_dict(fresh).keys() == lora_state_dict(model).keys()
-    assert fresh.lora.config == model.lora.config
+    assert fresh.lora.config == saved_lora_config(model)  # as given, the modules trained in full spelled out
 
 
 def test_saving_a_merged_model_saves_the_same_adapter(tmp_path):
@@ -106,6 +107,7 @@ def test_config_contents(tmp_path):
         "rslora": False,
         "dora": False,
         "trainable_modules": ["classifier"],
+        "head": "full",
         **CALLER,
         "clean": False,
         "quantize_base": None,
@@ -115,7 +117,9 @@ def test_config_contents(tmp_path):
     }
     assert len(config["base_fingerprint"]) == 16
     assert load_adapter(tmp_path)[1] == AdapterConfig(
-        lora=LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=("value", "query"), layers=(0,)),
+        lora=LoRAConfig(
+            r=4, alpha=8, dropout=0.1, target_modules=("value", "query"), layers=(0,), trainable_modules=("classifier",)
+        ),
         base_model="tiny-roberta",
         labels=LABELS,
         max_length=64,

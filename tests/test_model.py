@@ -1,6 +1,8 @@
 """inject_lora and friends on RoBERTa: what gets wrapped and frozen, exact parameter counts,
 zero initialisation, gradients, merge/unmerge of a whole model, adapter state and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from lora import (
     parameter_table,
     unmerge_lora,
 )
-from lora.model import saved_lora_config
+from lora.model import head_parameters, saved_lora_config
 
 TEXTS = [
     "Stocks rally as bank profit beats the market",
@@ -94,7 +96,9 @@ def test_roberta_base_parameter_table(roberta_base_r10):
     model, names, _ = roberta_base_r10
     table = parameter_table(model).splitlines()
     assert table[0].split() == ["module", "A", "B", "trainable", "formula"]
-    assert len(table) == 1 + 24 + 4 + 1
+    assert len(table) == 1 + 24 + 1 + 4 + 1 + 1  # LoRA rows, their subtotal, the head's rows, its subtotal, total
+    assert table[25].split() == ["encoder", "layers", "368,640", "38.3%", "of", "trainable"]
+    assert table[30].split()[-4:] == ["593,668", "61.7%", "of", "trainable"]  # the head: 62% of the budget
     assert table[1].split() == [
         "roberta.encoder.layer.0.attention.self.query",
         "10x768",
@@ -106,8 +110,23 @@ def test_roberta_base_parameter_table(roberta_base_r10):
         "+",
         "768)",
     ]
-    assert "classifier.dense.weight" in table[25] and "589,824" in table[25]
+    assert "classifier.dense.weight" in table[26] and "589,824" in table[26]
     assert table[-1].split() == ["total", "962,308", "0.770%", "of", "125,017,348"]
+
+
+@pytest.mark.parametrize(
+    "head, trainable, in_the_head",
+    [
+        ("full", 962_308, 593_668),  # classifier.dense 768x768 + 768, out_proj 4x768 + 4: 62% of the budget
+        ("lora", 387_076, 18_436),  # LoRA r=10 on classifier.dense: 10 * (768 + 768), out_proj in full
+        ("linear", 371_716, 3_076),  # out_proj alone
+    ],
+)
+def test_roberta_base_r10_query_value_count_with_each_head(head, trainable, in_the_head):
+    model = roberta_base_shape("meta")
+    inject_lora(model, ("query", "value"), r=10, alpha=64, head=head)
+    assert count_parameters(model)[0] == trainable == 368_640 + in_the_head
+    assert head_parameters(model) == in_the_head
 
 
 def test_roberta_base_r8_query_count():
@@ -182,7 +201,8 @@ def test_the_model_records_the_config_it_was_given():
     names = inject_lora(model, ("value", "query"), r=4, alpha=8.0, dropout=0.1, rslora=True)
     assert model.lora.config == LoRAConfig(r=4, alpha=8.0, dropout=0.1, rslora=True, target_modules=("value", "query"))
     assert model.lora.modules == tuple(names) and len(model.lora.base_fingerprint) == 16
-    assert saved_lora_config(model) == model.lora.config  # plain LoRA is saved as it was given
+    # plain LoRA is saved as it was given, with the modules it trained in full (by default the head) spelled out
+    assert saved_lora_config(model) == dataclasses.replace(model.lora.config, trainable_modules=("classifier",))
     with pytest.raises(ValueError, match="no LoRA layers"):
         saved_lora_config(tiny_model(0))
     config = LoRAConfig(r=2, alpha=4.0, target_modules=["query"], layers=[1])  # lists become tuples

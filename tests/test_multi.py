@@ -103,7 +103,7 @@ def random_weights(model, seed: int, labels: int, targets=("query", "value")) ->
             layer.lora_B.normal_(std=0.5)
     config = adapted.lora.config
     weights = AdapterWeights.from_state(
-        lora_state_dict(adapted), config.r, config.alpha, trainable_modules=config.trainable_modules
+        lora_state_dict(adapted), config.r, config.alpha, trainable_modules=adapted.lora.trainable_modules
     )
     return weights, adapted
 

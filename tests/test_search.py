@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 import lora.search.study as search_study
 from lora.cli.search import command_line, main, run
 from lora.cli.train import explicit_fields
+from lora.config import HEADS
 from lora.model import count_parameters, inject_lora
 from lora.search.space import LAYERS, TARGETS, OverBudget, ParameterCounter, build_space, layer_indices, suggest
 from lora.train import TrainConfig
@@ -48,20 +49,25 @@ def test_counts_from_shapes_equal_count_parameters_of_the_built_model(tiny_model
     counter = ParameterCounter(str(tiny_model_dir), LABELS)
     for targets in TARGETS.values():
         for layers in LAYERS:
-            for trainable in (("classifier",), ("classifier", "LayerNorm")):
+            for trainable, head in [(("classifier",), "full"), (("classifier", "LayerNorm"), "full")] + [
+                (None, head) for head in HEADS
+            ]:
                 model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
                 chosen = layer_indices(layers, 2)
-                inject_lora(model, targets, r=3, alpha=8.0, trainable_modules=trainable, layers=chosen)
-                fixed, per_rank = counter.cost(targets, chosen, trainable)
+                inject_lora(model, targets, r=3, alpha=8.0, trainable_modules=trainable, layers=chosen, head=head)
+                fixed, per_rank = counter.cost(targets, chosen, trainable, head)
                 assert fixed + 3 * per_rank == count_parameters(model)[0]
     # by hand: the head (32*32 + 32 + 32*4 + 4) and query, value of both layers at r = 3
     assert counter.cost(("query", "value"), None, ("classifier",)) == (1188, 2 * 2 * 64)
+    # the head's hidden layer as LoRA of the same rank (32 + 32 a rank), or frozen: its output layer alone
+    assert counter.cost(("query", "value"), None, None, "lora") == (32 * 4 + 4, 2 * 2 * 64 + 64)
+    assert counter.cost(("query", "value"), None, None, "linear") == (32 * 4 + 4, 2 * 2 * 64)
 
 
 def test_the_rank_is_bounded_by_what_the_budget_leaves_and_misfits_are_over_budget(tiny_model_dir):
     base = TrainConfig(model=str(tiny_model_dir), r=20)
     counter = ParameterCounter(str(tiny_model_dir), LABELS)
-    space = build_space(base, {"r"}, counter, max_params=7000)
+    space = build_space(base, {"r", "head"}, counter, max_params=7000)
     # r = 20 costs 1188 + 20 * (q v in both layers: 256) = 6308; with key added 8868 > 7000
     assert space.targets == ("qv", "qkv", "qkvo", "ffn") and space.layers == LAYERS
     fixed = {"alpha_over_r": 2.0, "dropout": 0.0, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 16, "grad_accum": 1}
@@ -89,11 +95,26 @@ def test_the_rank_is_bounded_by_what_the_budget_leaves_and_misfits_are_over_budg
             over_budget += 1
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
-        fixed_cost, per_rank = counter.cost(config.target_modules, config.layers, config.trainable_modules)
+        fixed_cost, per_rank = counter.cost(config.target_modules, config.layers, config.trainable_modules, config.head)
         assert count == fixed_cost + config.r * per_rank <= 7000
         assert trial.distributions["r"].high == min(64, (7000 - fixed_cost) // per_rank)
         study.tell(trial, 0.0)
     assert over_budget < 5  # targets and layers first, the rank bounded: misfits are rare
+
+
+def test_the_head_is_searched_under_the_budget(tiny_model_dir):
+    """A budget below the full head (1,188) leaves the cheaper heads, and the rank they allow."""
+    counter = ParameterCounter(str(tiny_model_dir), LABELS)
+    space = build_space(TrainConfig(model=str(tiny_model_dir)), set(), counter, max_params=1000)
+    assert space.heads == ("lora", "linear")
+    fixed = {"alpha_over_r": 2.0, "dropout": 0.0, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 16, "grad_accum": 1}
+    for head, per_rank in (("lora", 2 * 2 * 64 + 64), ("linear", 2 * 2 * 64)):
+        trial = optuna.trial.FixedTrial({"target_modules": "qv", "layers": "all", "head": head, "r": 2, **fixed})
+        config, count = suggest(trial, space)
+        assert (config.head, count) == (head, 132 + 2 * per_rank)
+        assert f" --head {head} " in command_line(config)
+    with pytest.raises(ValueError):  # not drawn: the full head alone is over the budget
+        suggest(optuna.trial.FixedTrial({"target_modules": "qv", "layers": "all", "head": "full", **fixed}), space)
 
 
 def test_flags_on_the_command_line_fix_their_settings():
@@ -279,7 +300,7 @@ def run_argv(monkeypatch, argv):
     "search_flags, more_train_flags, message",
     [
         (["--trials", "0"], [], "error: --trials must be at least 1, got 0"),
-        (["--max-params", "1000"], [], "error: no configuration fits --max-params 1,000: the smallest has 1,316"),
+        (["--max-params", "200"], [], "error: no configuration fits --max-params 200: the smallest has 260"),
         (["--storage", "not-a-database-url"], [], "error: --storage not-a-database-url: not a database Optuna can use"),
         (
             [],
@@ -302,6 +323,8 @@ def run_argv(monkeypatch, argv):
                 "8",
                 "--grad-accum",
                 "1",
+                "--head",
+                "full",
             ],
             "error: every searched setting is fixed: nothing to search (leave one of --target-modules,",
         ),

@@ -3,7 +3,7 @@
     python search.py --trials 20 --max-params 1000000 --search-dir runs/search -- \\
         --model minilm --data bundled --clean --max-steps 40 --eval-steps 10
 
-Searched (lora/search_space.py): target modules, layers, whether the pooler trains, rank
+Searched (lora/search/space.py): target modules, layers, the head (full, lora, linear), rank
 (bounded by what the budget leaves), alpha / r, dropout, lr, weight decay, batch size and
 accumulation. A train.py flag given on the command line fixes its setting; the other train.py
 flags (after ``--`` if you like) apply to every trial.

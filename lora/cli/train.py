@@ -11,6 +11,7 @@ import sys
 
 from lora.classifier import require_hub_or_cache
 from lora.cli import PRECISION_FLAGS, run_command
+from lora.config import HEADS
 from lora.quantize import SCHEMES
 from lora.train.config import HIGHER_IS_BETTER, TrainConfig
 from lora.variants import INITS
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-modules",
         nargs="+",
         default=list(defaults.target_modules),
-        help="Linear modules to adapt, by last name component (default: %(default)s)",
+        help="Linear modules to adapt, by last name component or path in a layer; BERT's names (query, key, "
+        "value, attention.output.dense, intermediate.dense, output.dense) work on every supported family, "
+        "query/key/value as slices of ModernBERT's fused Wqkv (default: %(default)s)",
     )
     lora.add_argument(
         "--layers", type=int, nargs="+", default=None, help="only adapt these encoder layer indices (default: all)"
@@ -49,8 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument(
         "--trainable-modules",
         nargs="*",
-        default=list(defaults.trainable_modules),
-        help="modules trained in full, e.g. the new head (default: %(default)s)",
+        default=defaults.trainable_modules,
+        help="modules trained in full (default: the head as --head says, and every module the checkpoint lacks)",
+    )
+    lora.add_argument(
+        "--head",
+        choices=HEADS,
+        default=defaults.head,
+        help="the classification head: full (its hidden and output layers in full), lora (LoRA on the hidden "
+        "layer, the output layer in full) or linear (the output layer alone) (default: %(default)s)",
     )
     lora.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     lora.add_argument("--dora", action="store_true", help="DoRA: a trainable magnitude per output row")

@@ -196,7 +196,7 @@ def write_results(study: optuna.Study, directory: Path, metric: str, max_params:
             "seconds",
             "target_modules",
             "layers",
-            "train_pooler",
+            "head",
             "r",
             "alpha_over_r",
             "lr",

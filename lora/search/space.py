@@ -2,10 +2,14 @@
 parameters.
 
 ``suggest`` is the whole space, in the order it is sampled: target modules, layers and the
-pooler first, then the rank, bounded by what the budget leaves, then the optimisation settings.
+head first, then the rank, bounded by what the budget leaves, then the optimisation settings.
 A setting given as a train.py flag is fixed and not searched. The trainable count of every
 configuration is exact and known before anything trains: LoRA is injected into the model
 built on the meta device (shapes only, no weights), and counted with ``count_parameters``.
+
+The head is part of the budget: ``full`` trains its hidden and output layers (roberta-base's is
+593,668 numbers, more than LoRA r=10 on query and value), ``lora`` and ``linear`` leave most of
+that for a higher rank (``lora.config.HEADS``).
 """
 
 import dataclasses
@@ -16,8 +20,8 @@ from itertools import product
 import optuna
 import torch
 
-from ..classifier import load_model_config
-from ..config import SettingError
+from ..classifier import load_classifier_model, load_model_config
+from ..config import HEADS, SettingError
 from ..model import count_parameters, inject_lora, lora_layers
 from ..train import TrainConfig
 
@@ -37,11 +41,10 @@ BATCH_SIZES = (16, 32)
 GRAD_ACCUMS = (1, 2, 4)
 
 # The TrainConfig fields the search sets; one given as a train.py flag is fixed instead.
-# ``trainable_modules`` is the pooler switch (searched only when the model has a pooler).
 SEARCHABLE = (
     "target_modules",
     "layers",
-    "trainable_modules",
+    "head",
     "r",
     "alpha",
     "dropout",
@@ -67,30 +70,39 @@ def layer_indices(choice: str, num_layers: int) -> tuple[int, ...] | None:
 
 
 class ParameterCounter:
-    """Exact trainable counts of LoRA configurations of one model, from its shapes alone."""
+    """Exact trainable counts of LoRA configurations of one model, from its shapes, and from the
+    names of the parameters its checkpoint lacks (loaded once: they train by default)."""
 
     def __init__(self, model_name: str, labels: list[str]):
         self.model_config = load_model_config(model_name, labels)
         self.num_layers = self.model_config.num_hidden_layers
-        self.has_pooler = any(name.rsplit(".", 1)[-1] == "pooler" for name, _ in self._meta_model().named_modules())
+        self.fresh_parameters = load_classifier_model(model_name, labels).fresh_parameters
 
-    def _meta_model(self) -> torch.nn.Module:
+    def meta_model(self) -> torch.nn.Module:
+        """The classifier on the meta device (shapes, no memory), with the checkpoint's loading report."""
         from transformers import AutoModelForSequenceClassification
 
         with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(self.model_config)
+            model = AutoModelForSequenceClassification.from_config(self.model_config)
+        model.fresh_parameters = self.fresh_parameters
+        return model
 
     @cache  # noqa: B019  (one counter a search: its cache lives as long as the search)
     def cost(
-        self, targets: tuple[str, ...], layers: tuple[int, ...] | None, trainable_modules: tuple[str, ...]
+        self,
+        targets: tuple[str, ...],
+        layers: tuple[int, ...] | None,
+        trainable_modules: tuple[str, ...] | None,
+        head: str = "full",
     ) -> tuple[int, int]:
         """``(fixed, per_rank)``: the trainable count at rank r is ``fixed + r * per_rank``,
-        where ``per_rank`` sums ``in + out`` over the adapted layers and ``fixed`` counts the
-        fully trained modules. Raises ``ValueError`` when the targets match nothing."""
-        model = self._meta_model()
-        inject_lora(model, targets, r=1, alpha=1.0, trainable_modules=trainable_modules, layers=layers)
+        where ``per_rank`` is what rank 1 costs in the adapted layers and ``fixed`` counts the
+        modules trained in full. Raises ``ValueError`` when the targets match nothing, or the
+        head does not fit the model."""
+        model = self.meta_model()
+        inject_lora(model, targets, r=1, alpha=1.0, trainable_modules=trainable_modules, layers=layers, head=head)
         trainable, _ = count_parameters(model)
-        per_rank = sum(m.base.in_features + m.base.out_features for _, m in lora_layers(model))
+        per_rank = sum(m.lora_A.numel() + m.lora_B.numel() for _, m in lora_layers(model))
         return trainable - per_rank, per_rank
 
 
@@ -104,7 +116,7 @@ class SearchSpace:
     max_params: int | None
     targets: tuple[str, ...]  # keys of TARGETS that fit
     layers: tuple[str, ...]  # LAYERS that fit
-    pooler: tuple[bool, ...]  # whether the pooler trains
+    heads: tuple[str, ...]  # HEADS that fit
 
     def max_rank(self, fixed: int, per_rank: int) -> int:
         """The largest rank (at most MAX_RANK) that keeps ``fixed + r * per_rank`` in the budget."""
@@ -115,11 +127,11 @@ class SearchSpace:
 
 def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter, max_params: int | None) -> SearchSpace:
     """The search space for ``base`` with the ``fixed`` fields held; choices of targets, layers
-    and pooler that cannot fit the budget at the smallest rank are left out.
+    and head that cannot fit the budget at the smallest rank (or the model) are left out.
 
     Raises ``SettingError`` when nothing is left to search or no configuration fits.
     """
-    searched = frozenset(SEARCHABLE) - fixed - (set() if counter.has_pooler else {"trainable_modules"})
+    searched = frozenset(SEARCHABLE) - fixed
     if not searched:
         raise SettingError(
             "every searched setting is fixed: nothing to search (leave one of "
@@ -128,13 +140,13 @@ def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter, m
         )
     targets = list(TARGETS) if "target_modules" in searched else [None]
     layers = [c for c in LAYERS if layer_indices(c, counter.num_layers) != ()] if "layers" in searched else [None]
-    pooler = [False, True] if "trainable_modules" in searched else [None]
+    heads = list(HEADS) if "head" in searched else [None]
     smallest_rank = 1 if "r" in searched else base.r
     fits, smallest = [], None
-    for combination in product(targets, layers, pooler):
+    for combination in product(targets, layers, heads):
         try:
             fixed_cost, per_rank = counter.cost(*where_lora_goes(base, counter, *combination))
-        except ValueError:  # these targets name no layer of this model
+        except ValueError:  # these targets name no layer of this model, or the head does not fit it
             continue
         count = fixed_cost + smallest_rank * per_rank
         smallest = count if smallest is None else min(smallest, count)
@@ -158,21 +170,19 @@ def build_space(base: TrainConfig, fixed: set[str], counter: ParameterCounter, m
         max_params,
         targets=tuple(dict.fromkeys(t for t, _, _ in fits)),
         layers=tuple(dict.fromkeys(chosen for _, chosen, _ in fits)),
-        pooler=tuple(dict.fromkeys(p for _, _, p in fits)),
+        heads=tuple(dict.fromkeys(h for _, _, h in fits)),
     )
 
 
 def where_lora_goes(
-    base: TrainConfig, counter: ParameterCounter, targets: str | None, layers: str | None, pooler: bool | None
+    base: TrainConfig, counter: ParameterCounter, targets: str | None, layers: str | None, head: str | None
 ):
-    """``(target_modules, layers, trainable_modules)`` for a choice of each (None: fixed)."""
-    trainable = base.trainable_modules
-    if pooler is not None:
-        trainable = tuple(m for m in trainable if m != "pooler") + (("pooler",) if pooler else ())
+    """``(target_modules, layers, trainable_modules, head)`` for a choice of each (None: fixed)."""
     return (
         base.target_modules if targets is None else TARGETS[targets],
         base.layers if layers is None else layer_indices(layers, counter.num_layers),
-        trainable,
+        base.trainable_modules,
+        base.head if head is None else head,
     )
 
 
@@ -180,7 +190,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
     """The trial's configuration and its exact trainable count. The whole space is here.
 
     Raises ``OverBudget`` (before the rank is drawn) when even the smallest rank of the drawn
-    targets, layers and pooler is over the budget.
+    targets, layers and head is over the budget.
     """
     searched, base = space.searched, space.base
 
@@ -192,14 +202,14 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
         return trial.suggest_categorical(name, choices) if field in searched else None
 
     # Where LoRA goes, then the largest rank the budget leaves for it.
-    target_modules, layers, trainable_modules = where_lora_goes(
+    target_modules, layers, trainable_modules, head = where_lora_goes(
         base,
         space.counter,
         choose("target_modules", "target_modules", space.targets),
         choose("layers", "layers", space.layers),
-        choose("trainable_modules", "train_pooler", space.pooler),
+        choose("head", "head", space.heads),
     )
-    fixed, per_rank = space.counter.cost(target_modules, layers, trainable_modules)
+    fixed, per_rank = space.counter.cost(target_modules, layers, trainable_modules, head)
     smallest = fixed + (1 if "r" in searched else base.r) * per_rank
     if space.max_params is not None and smallest > space.max_params:
         raise OverBudget(smallest, space.max_params)
@@ -212,6 +222,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[TrainConfig, int]:
         target_modules=target_modules,
         layers=layers,
         trainable_modules=trainable_modules,
+        head=head,
         r=r,
         alpha=alpha,
         dropout=pick("dropout", lambda: trial.suggest_float("dropout", 0.0, 0.3)),

@@ -88,6 +88,11 @@ def read_served_adapter(
             f"adapter {directory} was trained on a {config.quantize_base} base; several "
             "adapters are served on a float base only (predict.py --adapter serves it alone)"
         )
+    if config.lora.head != "full":
+        raise InputError(
+            f"adapter {directory} keeps the head's hidden layer frozen (head {config.lora.head}), which the "
+            "served base does not rebuild; predict.py --adapter serves it alone"
+        )
     if warning := version_warning(config):
         warnings.warn(f"{directory}: {warning}", stacklevel=3)
     try:

@@ -97,6 +97,11 @@ class AdapterWeights:
         for name, tensors in parts.items():
             if "lora_A" not in tensors or "lora_B" not in tensors:
                 raise ValueError(f"{name} has no lora_A or no lora_B")
+            if tensors["lora_B"].ndim == 3:  # FusedQKVLoRALinear's (k, h, r)
+                raise ValueError(
+                    f"{name} holds LoRA on slices of a fused q/k/v Linear, which is not served with other "
+                    "adapters yet; predict.py --adapter serves it alone"
+                )
             if tensors["lora_A"].shape[0] != r:
                 raise ValueError(f"{name}.lora_A has rank {tensors['lora_A'].shape[0]}, the config says r={r}")
             weights.layers[name] = LayerUpdate(

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..config import LoRAConfig, SettingError
+from ..config import HEADS, LoRAConfig, SettingError
 from ..quantize import SCHEMES
 from ..variants import DORA_NEEDS_FLOAT_BASE, INITS
 from .report import check_report_to
@@ -25,7 +25,8 @@ class TrainConfig:
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] | None = None
-    trainable_modules: tuple[str, ...] = ("classifier",)
+    trainable_modules: tuple[str, ...] | None = None  # None: the head and what the checkpoint lacks
+    head: str = "full"  # "full", "lora", "linear": what trains in the classification head
     rslora: bool = False
     dora: bool = False
     init: str = "lora"  # "lora" or "pissa"
@@ -72,6 +73,7 @@ class TrainConfig:
             dora=self.dora,
             init=self.init,
             trainable_modules=self.trainable_modules,
+            head=self.head,
         )
 
     def check(self) -> None:
@@ -116,6 +118,8 @@ class TrainConfig:
             raise SettingError(
                 "{resume} continues a run and {overwrite} replaces it: pass one of them", "resume", "overwrite"
             )
+        if self.head not in HEADS:
+            raise SettingError(f"{{head}} must be one of {list(HEADS)}, got {self.head!r}", "head")
         if self.init not in INITS:
             raise SettingError(f"{{init}} must be one of {list(INITS)}, got {self.init!r}", "init")
         check_report_to(self.report_to)

@@ -25,7 +25,14 @@ from ..adapter import load_adapter, provenance, save_adapter
 from ..classifier import load_classifier_model, load_tokenizer, pick_device, require_hub_or_cache
 from ..config import InputError, SettingError
 from ..data import Splits, length_grouped_batches, load_splits, pad_batch, tokenize
-from ..model import count_parameters, inject_lora, load_lora_state_dict, parameter_table, quantize_base
+from ..model import (
+    count_parameters,
+    head_parameters,
+    inject_lora,
+    load_lora_state_dict,
+    parameter_table,
+    quantize_base,
+)
 from ..quantize import describe_quantized
 from ..variants import lora_plus_groups
 from . import distributed, report, run_folder
@@ -119,6 +126,8 @@ def load_job(config: TrainConfig, device: torch.device) -> Job:
         wrapped = inject_lora(model, config.lora_config())
         if config.quantize_base is not None:
             quantize_base(model, config.quantize_base, config.double_quant)
+    except SettingError:
+        raise  # names its settings: the command line names their flags
     except ValueError as error:
         raise SettingError(str(error)) from None
     return Job(splits, tokenizer, train_ids, val_ids, model.to(device), wrapped)
@@ -417,7 +426,7 @@ def describe_run(run: Run, job: Job, optimisation: Optimisation, world: World) -
     print(f"data: {len(job.train_ids)} train, {len(job.val_ids)} validation, {len(job.splits.test)} test rows")
     print(
         f"LoRA on {len(job.wrapped)} modules ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in job.wrapped}))}); "
-        f"trained in full: {', '.join(config.trainable_modules) or 'nothing'}"
+        f"trained in full: {', '.join(job.model.lora.trainable_modules) or 'nothing'}; head: {config.head}"
     )
     if config.quantize_base is not None:
         print(describe_quantized(job.model))
@@ -471,6 +480,7 @@ def finish(run: Run, job: Job, optimisation: Optimisation, progress: Progress, w
         "val": progress.best_evaluation(),
         "test": test_metrics,
         "trainable_parameters": trainable,
+        "head_parameters": head_parameters(job.model),
         "total_parameters": total,
         "train_seconds": round(progress.train_seconds, 2),
         "examples_per_second": round(progress.throughput, 2),
