@@ -41,11 +41,14 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def exports(trained_runs, tmp_path_factory):
     """Every train.py run exported in float32 (``lora-export RUN OUT --format onnx``), and the
-    LoRA run in int8 too; what each export printed is in ``printed.json``."""
+    LoRA run in int8 too, with and without ``--float-ffn-output``; what each export printed is in
+    ``printed.json``."""
     root = tmp_path_factory.mktemp("exports")
     printed = {}
     jobs = {name: [str(run), str(root / name), "--format", "onnx"] for name, run in trained_runs.items()}
     jobs["lora-int8"] = [str(trained_runs["lora"]), str(root / "lora-int8"), "--format", "onnx", "--int8"]
+    jobs["lora-int8-ffn"] = [*jobs["lora-int8"][:1], str(root / "lora-int8-ffn"), *jobs["lora-int8"][2:]]
+    jobs["lora-int8-ffn"].append("--float-ffn-output")
     for name, argv in jobs.items():
         with contextlib.redirect_stdout(io.StringIO()) as out:
             export_main(argv)
@@ -115,11 +118,41 @@ def test_the_gate_refuses_an_int8_model_that_loses_accuracy_and_writes_nothing(
     assert "accuracy on 120 rows" in printed and "largest |logit difference|" in printed
 
 
+def test_float_ffn_output_keeps_exactly_the_feed_forward_output_projections_in_float32(exports, capsys):
+    import onnx
+
+    def matmul_weights(name):
+        """``(float MatMul weight shapes, int8 MatMulInteger count)`` of the export ``name``."""
+        graph = onnx.load(str(exports / name / MODEL_NAME)).graph
+        shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+        floats = sorted(
+            shapes[node.input[1]] for node in graph.node if node.op_type == "MatMul" and node.input[1] in shapes
+        )
+        return floats, sum(node.op_type == "MatMulInteger" for node in graph.node)
+
+    config = tiny_model().config  # what trained_runs trained: 32 wide, FFN 64, 2 layers
+    ffn_output = (config.intermediate_size, config.hidden_size)
+    all_float, _ = matmul_weights("lora")
+    int8_floats, int8_quantized = matmul_weights("lora-int8")
+    kept_floats, kept_quantized = matmul_weights("lora-int8-ffn")
+    assert all_float.count(ffn_output) == config.num_hidden_layers and int8_floats == []
+    assert kept_floats == [ffn_output] * config.num_hidden_layers
+    assert kept_quantized == int8_quantized - config.num_hidden_layers
+    assert json.loads((exports / "lora-int8-ffn" / CONFIG_NAME).read_text())["float_ffn_output"] is True
+    assert "parity (int8, FFN output float32" in json.loads((exports / "printed.json").read_text())["lora-int8-ffn"]
+    with pytest.raises(SystemExit) as caught:
+        run_command(lambda: export_main([str(exports / "lora"), str(exports / "x"), "--format", "onnx",
+                                         "--float-ffn-output"]))  # fmt: skip
+    assert caught.value.code == 2 and "--float-ffn-output keeps part of an --int8 model" in capsys.readouterr().err
+    assert not (exports / "x").exists()
+
+
+@pytest.mark.timeout(120)
 def test_an_export_says_what_it_measured_and_int8_without_check_data_says_accuracy_was_not_checked(exports):
     printed = json.loads((exports / "printed.json").read_text())
     assert all("largest |logit difference|" in out and "files: model.onnx" in out for out in printed.values())
     assert "accuracy not checked: give --check-data FILE" in printed["lora-int8"]
-    assert not any("accuracy not checked" in out for name, out in printed.items() if name != "lora-int8")
+    assert not any("accuracy not checked" in out for name, out in printed.items() if not name.startswith("lora-int8"))
     assert "note: the nf4 base is dequantized, then the adapter merged into it" in printed["nf4"]
 
 
