@@ -1,4 +1,4 @@
-"""Many adapters on one base (lora/multi.py, lora/multi_inference.py): a mixed batch gives every
+"""Many adapters on one base (lora/serve/multi.py, lora/serve/adapters.py): a mixed batch gives every
 row what its adapter gives loaded alone and merged, for mixed ranks, targets, variants and label
 counts; rows without an adapter get the base; bad adapters are refused in one line."""
 
